@@ -1,0 +1,83 @@
+"""One registry for teachers and students, and self-describing model files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdpipe.errors import KdpipeError
+from kdpipe.io import load_torch, save_torch
+
+Builder = Callable[..., nn.Module]
+MODELS: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    def wrap(fn: Builder) -> Builder:
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build(arch: str, in_channels: int, num_classes: int, image_size: int, **arch_params: Any) -> nn.Module:
+    """Build ``arch``; every model exposes ``feature_names`` (modules whose outputs are
+    the feature maps that feature-based distillation taps)."""
+    if arch not in MODELS:
+        raise KdpipeError(f"unknown architecture {arch!r}; known: {', '.join(sorted(MODELS))}.")
+    model = MODELS[arch](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **arch_params)
+    missing = [n for n in model.feature_names if n not in dict(model.named_modules())]
+    assert not missing, f"{arch} names feature layers it does not have: {missing}"
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_mb(model: nn.Module) -> float:
+    """Parameters plus buffers (BatchNorm statistics), in MiB."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return total / 2**20
+
+
+def save(path: str | Path, model: nn.Module, arch: str, arch_params: dict[str, Any], meta: dict[str, Any],
+         extra: dict[str, Any] | None = None) -> None:
+    """Write weights plus everything needed to rebuild and feed the model."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_torch(
+        path,
+        {
+            "format": "kdpipe-model/1",
+            "arch": arch,
+            "arch_params": dict(arch_params),
+            "state_dict": state,
+            "class_names": list(meta["class_names"]),
+            "preprocessing": {
+                "channels": int(meta["channels"]),
+                "image_size": int(meta["image_size"]),
+                "mean": list(meta["mean"]),
+                "std": list(meta["std"]),
+                "input": "uint8 N×C×H×W scaled to 0..1, then (x - mean) / std",
+            },
+            "extra": dict(extra or {}),
+        },
+    )
+
+
+def load(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved model in eval mode; returns (model, metadata without weights)."""
+    path = Path(path)
+    if not path.exists():
+        raise KdpipeError(f"{path} not found; run the stage that trains it first (dvc repro).")
+    blob = load_torch(path)
+    pre = blob["preprocessing"]
+    model = build(blob["arch"], pre["channels"], len(blob["class_names"]), pre["image_size"], **blob["arch_params"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model, meta

@@ -1,0 +1,32 @@
+"""The compact student CNN: Conv→BN→ReLU→MaxPool blocks, global average pool, dropout, linear."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kdpipe.models.registry import register
+
+
+class StudentCNN(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, widths: list[int], dropout: float) -> None:
+        super().__init__()
+        blocks, size, prev = [], image_size, in_channels
+        for width in widths:
+            layers = [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            if size >= 2:  # pool while there is something to pool, so tiny inputs still work
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            blocks.append(nn.Sequential(*layers))
+            prev = width
+        self.blocks = nn.Sequential(*blocks)
+        self.feature_names = tuple(f"blocks.{i}" for i in range(len(widths)))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(prev, num_classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+@register("student_cnn")
+def student_cnn(in_channels: int, num_classes: int, image_size: int, widths: list[int] = (32, 64, 128),
+                dropout: float = 0.2) -> nn.Module:
+    return StudentCNN(in_channels, num_classes, image_size, list(widths), dropout)

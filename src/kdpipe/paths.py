@@ -1,0 +1,40 @@
+"""Where every stage reads and writes, relative to the project root (mirrors dvc.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+TEACHER_TARGETS_DIR = Path("data/teacher_targets")
+MODELS_DIR = Path("models")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+HISTORY_DIR = PLOTS_DIR / "history"
+CONFUSION_DIR = PLOTS_DIR / "confusion"
+REPORTS_DIR = Path("reports")
+FIGURES_DIR = REPORTS_DIR / "figures"
+
+TEACHER = "teacher"
+BASELINE = "baseline"
+
+
+def distilled_name(method: str) -> str:
+    return f"distilled_{method}"
+
+
+def model_path(name: str) -> Path:
+    return MODELS_DIR / f"{name}.pt"
+
+
+def history_path(name: str) -> Path:
+    return HISTORY_DIR / f"{name}.csv"
+
+
+def train_metrics_path(name: str) -> Path:
+    return METRICS_DIR / f"{name}.json"
+
+
+def model_names(methods: list[str]) -> list[str]:
+    """Every model the pipeline trains, in report order."""
+    return [TEACHER, BASELINE, *(distilled_name(m) for m in methods)]
