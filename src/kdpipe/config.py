@@ -52,6 +52,9 @@ class Cifar10Config:
     md5: str = "c58f30108f718f92721af3b95e74349a"
 
     def check(self, key: str) -> None:
+        scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
+        if not self.url.strip() or scheme not in ("", "http", "https", "file"):
+            _fail(f"{key}.url", self.url, "an http(s):// or file:// URL or a local path")
         if len(self.md5) != 32 or any(c not in "0123456789abcdef" for c in self.md5.lower()):
             _fail(f"{key}.md5", self.md5, "a 32-character hexadecimal md5")
 
@@ -82,7 +85,7 @@ class CatsVsDogsConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"
-    image_size: int = 8
+    image_size: Optional[int] = None  # None: the source's default (its DEFAULT_IMAGE_SIZE)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -94,8 +97,8 @@ class DataConfig:
     def check(self, key: str) -> None:
         if self.name not in DATASETS:
             _fail(f"{key}.name", self.name, "one of " + ", ".join(DATASETS))
-        if not 4 <= self.image_size <= 512:
-            _fail(f"{key}.image_size", self.image_size, "an integer between 4 and 512")
+        if self.image_size is not None and not 4 <= self.image_size <= 512:
+            _fail(f"{key}.image_size", self.image_size, "null (the data set's default) or an integer between 4 and 512")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:

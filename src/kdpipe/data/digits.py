@@ -11,6 +11,7 @@ from kdpipe.config import DataConfig
 from kdpipe.data.images import resize_uint8
 from kdpipe.data.sources import RawDataset
 
+DEFAULT_IMAGE_SIZE = 8
 RAW_FILE = "digits.npz"
 
 
@@ -37,7 +38,7 @@ def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
         labels = torch.from_numpy(raw["labels"])
         class_names = [str(c) for c in raw["class_names"]]
     return RawDataset(
-        train_images=resize_uint8(images, cfg.image_size),
+        train_images=resize_uint8(images, cfg.image_size or DEFAULT_IMAGE_SIZE),
         train_labels=labels,
         class_names=class_names,
         flip=False,  # a mirrored 2 or 5 is not a digit

@@ -8,7 +8,7 @@ from typing import Any
 from kdpipe import paths
 from kdpipe.config import Params
 from kdpipe.data.prepare import SPLITS, class_counts, save_prepared, split_dataset
-from kdpipe.data.sources import get_source
+from kdpipe.data.sources import get_source, with_image_size
 from kdpipe.io import write_json
 
 
@@ -33,7 +33,8 @@ def download(params: Params) -> dict[str, Any]:
 
 def prepare(params: Params) -> dict[str, Any]:
     """Read the raw data, split it and write data/prepared/ plus metrics/data.json."""
-    raw = get_source(params.data.name).load(raw_dir(params), params.data)
+    source = get_source(params.data.name)
+    raw = source.load(raw_dir(params), with_image_size(params.data, source))
     splits = split_dataset(raw, params.data.val_fraction, params.data.test_fraction, params.seed)
     meta = save_prepared(paths.PREPARED_DIR, splits, raw, params.data.name)
     summary = {

@@ -8,6 +8,7 @@ after that (splitting, statistics, the on-disk prepared format) is shared: see
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,10 @@ class RawDataset:
 
 
 class Source(Protocol):
-    """A data source module: ``download`` fetches raw files, ``load`` reads them back."""
+    """A data source module: ``download`` fetches raw files, ``load`` reads them back at
+    ``cfg.image_size`` (``DEFAULT_IMAGE_SIZE`` when that is null)."""
+
+    DEFAULT_IMAGE_SIZE: int
 
     def download(self, raw_dir: Path, cfg: DataConfig) -> dict: ...
 
@@ -53,6 +57,11 @@ SOURCES: dict[str, str] = {
     "intel": "kdpipe.data.intel",
     "cats_vs_dogs": "kdpipe.data.cats_vs_dogs",
 }
+
+
+def with_image_size(cfg: DataConfig, source: Source) -> DataConfig:
+    """``cfg`` with ``image_size`` resolved: null means the source's default size."""
+    return dataclasses.replace(cfg, image_size=cfg.image_size or source.DEFAULT_IMAGE_SIZE)
 
 
 def get_source(name: str) -> Source:

@@ -1,0 +1,186 @@
+"""Data-set presets: one switch that brings a data set with its sensible settings.
+
+``conf/presets/<name>.yaml`` holds the values of params.yaml that go with data set
+``<name>`` (image size, augmentation, architectures, epochs). Every preset sets the same
+keys, so switching from one to another leaves nothing of the previous one behind.
+
+    python -m kdpipe.presets cifar10           # write the preset into params.yaml (comments kept)
+    python -m kdpipe.presets cifar10 --flags   # print it as `-S key=value` flags instead:
+    dvc exp run $(python -m kdpipe.presets cifar10 --flags)
+    python -m kdpipe.presets --list            # the presets and what they are
+
+``make repro DATA=cifar10`` applies the preset, then runs ``dvc repro``. The result is
+validated like any params.yaml before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from kdpipe.config import parse_params
+from kdpipe.errors import KdpipeError
+
+PRESETS_DIR = Path("conf/presets")
+PARAMS_FILE = Path("params.yaml")
+
+
+def _yaml() -> Any:
+    from ruamel.yaml import YAML  # ships with DVC
+
+    yaml = YAML()  # round-trip mode: comments and layout survive
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return yaml
+
+
+def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in presets_dir.glob("*.yaml"))
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {dotted.key: leaf value}; lists are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, Any]:
+    """The preset's values as {dotted.key: value} (plain Python types)."""
+    path = presets_dir / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(available(presets_dir)) or f"none (no {presets_dir}/ here; run from the project root)"
+        raise KdpipeError(f"there is no preset {name!r}; choose one of: {names}.")
+    import yaml as pyyaml
+
+    data = pyyaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not data:
+        raise KdpipeError(f"{path} must be a mapping of params.yaml keys to values.")
+    return flatten(data)
+
+
+def check_same_keys(presets_dir: Path = PRESETS_DIR) -> set[str]:
+    """Every preset must set the same keys, or switching would leave stale values behind."""
+    keys = {name: set(load_preset(name, presets_dir)) for name in available(presets_dir)}
+    union = set().union(*keys.values()) if keys else set()
+    for name, own in keys.items():
+        if own != union:
+            raise KdpipeError(
+                f"{presets_dir}/{name}.yaml does not set {', '.join(sorted(union - own))}, which other presets set; "
+                "add it so that switching data sets resets it."
+            )
+    return union
+
+
+def _set(tree: Any, dotted: str, value: Any) -> None:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        if key not in node or not isinstance(node[key], dict):
+            node[key] = CommentedMap()
+        node = node[key]
+    if isinstance(value, list):
+        seq = CommentedSeq(value)
+        seq.fa.set_flow_style()  # [32, 64, 128], like the rest of params.yaml
+        value = seq
+    node[leaf] = value
+
+
+def _get(tree: Any, dotted: str) -> Any:
+    node = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def apply(name: str, params_path: Path = PARAMS_FILE, presets_dir: Path = PRESETS_DIR) -> dict[str, tuple[Any, Any]]:
+    """Write preset ``name`` into ``params_path``; return {key: (old, new)} for what changed."""
+    check_same_keys(presets_dir)
+    values = load_preset(name, presets_dir)
+    yaml = _yaml()
+    tree = yaml.load(params_path.read_text())
+    changes = {}
+    for key, value in values.items():
+        old = _get(tree, key)
+        old_plain = list(old) if isinstance(old, list) else old
+        if old_plain != value:
+            changes[key] = (old_plain, value)
+            _set(tree, key, value)
+    buffer = io.StringIO()
+    yaml.dump(tree, buffer)
+    import yaml as pyyaml
+
+    parse_params(pyyaml.safe_load(buffer.getvalue()))  # never write a params.yaml a stage would refuse
+    if changes:
+        from kdpipe.io import atomic_path
+
+        with atomic_path(params_path) as tmp:
+            tmp.write_text(buffer.getvalue())
+    return changes
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, list):
+        return json.dumps(value, separators=(",", ":"))  # true/false/null/[32,64,128]: valid YAML
+    return str(value)
+
+
+def flags(name: str, presets_dir: Path = PRESETS_DIR) -> list[str]:
+    """The preset as ``-S key=value`` arguments for ``dvc exp run`` (no spaces inside one)."""
+    check_same_keys(presets_dir)
+    out: list[str] = []
+    for key, value in load_preset(name, presets_dir).items():
+        out += ["-S", f"{key}={_flag_value(value)}"]
+    return out
+
+
+def describe(name: str, presets_dir: Path = PRESETS_DIR) -> str:
+    """The first sentence of the preset file's header comment."""
+    header = []
+    for line in (presets_dir / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    return " ".join(header).split(". ")[0].rstrip(".") + "."
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdpipe.presets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", nargs="?", help="the preset (data set) to switch to")
+    parser.add_argument("--flags", action="store_true", help="print `-S key=value` flags for dvc exp run instead")
+    parser.add_argument("--list", action="store_true", help="list the presets")
+    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="the params file to edit (params.yaml)")
+    parser.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.list or not args.name:
+        for name in available(args.presets_dir):
+            print(f"{name:14s} {describe(name, args.presets_dir)}")
+        return
+    if args.flags:
+        print(" ".join(flags(args.name, args.presets_dir)))
+        return
+    changes = apply(args.name, args.params, args.presets_dir)
+    if not changes:
+        print(f"{args.params} already has the {args.name} preset")
+    for key, (old, new) in changes.items():
+        print(f"{args.params}: {key}: {json.dumps(old)} -> {json.dumps(new)}")
+
+
+if __name__ == "__main__":
+    from kdpipe.stage import main as run_stage
+
+    run_stage(main)
