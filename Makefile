@@ -5,18 +5,26 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kdpipe-installed
 export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: setup repro test ui clean-venv
+DATA   ?=
+.PHONY: setup repro exp presets test ui clean-venv
 
 setup: $(STAMP)  ## create .venv and install the pinned dependencies and kdpipe (idempotent)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,tfds]"
 	touch $(STAMP)
 
-repro: setup  ## run the whole DVC pipeline (default data set: scikit-learn digits)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+repro: setup  ## run the whole DVC pipeline; DATA=cifar10|intel|cats_vs_dogs|digits first writes that preset into params.yaml
+	$(if $(DATA),$(BIN)/python -m kdpipe.presets $(DATA) &&) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+exp: setup  ## a DVC experiment on DATA's preset (-S flags; params.yaml is left as it is): make exp DATA=cifar10 [ARGS="-S kd.alpha=0.5"]
+	@test -n "$(DATA)" || { echo "error: name the data set, e.g. make exp DATA=cifar10 (see make presets)." >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run $$($(BIN)/python -m kdpipe.presets $(DATA) --flags) $(ARGS)
+
+presets: setup  ## list the data-set presets
+	@$(BIN)/python -m kdpipe.presets --list
 
 test: setup  ## run the test suite
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest

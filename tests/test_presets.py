@@ -1,0 +1,85 @@
+"""Data-set presets: one switch per data set, params.yaml comments kept, valid values."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from kdpipe import presets
+from kdpipe.config import parse_params
+from kdpipe.data.sources import SOURCES, get_source, with_image_size
+from kdpipe.errors import KdpipeError
+from tests.conftest import PROJECT_ROOT
+
+PRESETS_DIR = PROJECT_ROOT / "conf/presets"
+
+
+@pytest.fixture
+def params_copy(tmp_path):
+    return shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+
+
+def test_one_preset_per_data_set_all_setting_the_same_keys():
+    assert presets.available(PRESETS_DIR) == sorted(SOURCES)
+    keys = presets.check_same_keys(PRESETS_DIR)
+    assert {"data.name", "data.image_size", "data.augment.flip", "teacher.arch", "teacher.epochs",
+            "student.widths", "student.epochs"} <= keys
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_apply_keeps_comments_and_gives_valid_params(params_copy, name):
+    before = params_copy.read_text()
+    presets.apply(name, params_copy, PRESETS_DIR)
+    after = params_copy.read_text()
+    params = parse_params(yaml.safe_load(after))
+    assert params.data.name == name
+    for key, value in presets.load_preset(name, PRESETS_DIR).items():
+        node = yaml.safe_load(after)
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    comments = [line.split("#", 1)[1] for line in before.splitlines() if "#" in line]
+    assert all(c in after for c in comments)  # every comment survives
+    assert len(after.splitlines()) == len(before.splitlines())
+
+
+def test_switching_back_restores_the_values(params_copy):
+    presets.apply("cifar10", params_copy, PRESETS_DIR)
+    presets.apply("digits", params_copy, PRESETS_DIR)
+    again = presets.apply("digits", params_copy, PRESETS_DIR)
+    assert again == {}  # idempotent
+    params = parse_params(yaml.safe_load(params_copy.read_text()))
+    assert params.data.image_size == 8 and params.student.widths == [32, 64, 128] and not params.data.augment.flip
+
+
+def test_flags_for_dvc_exp_run():
+    flags = presets.flags("cifar10", PRESETS_DIR)
+    pairs = dict(f.split("=", 1) for f in flags[1::2])
+    assert flags[::2] == ["-S"] * len(pairs)
+    assert pairs["data.name"] == "cifar10" and pairs["data.image_size"] == "32"
+    assert pairs["data.augment.flip"] == "true" and pairs["student.widths"] == "[32,64,128]"
+    assert all(" " not in f for f in flags)  # safe in $(python -m kdpipe.presets cifar10 --flags)
+
+
+def test_unknown_preset(params_copy):
+    with pytest.raises(KdpipeError, match="there is no preset 'mnist'; choose one of: cats_vs_dogs, cifar10"):
+        presets.apply("mnist", params_copy, PRESETS_DIR)
+
+
+def test_a_preset_missing_a_key_is_refused(tmp_path, params_copy):
+    broken = shutil.copytree(PRESETS_DIR, tmp_path / "presets")
+    (broken / "intel.yaml").write_text("data:\n  name: intel\n")
+    with pytest.raises(KdpipeError, match="intel.yaml does not set .*teacher.epochs"):
+        presets.apply("cifar10", params_copy, broken)
+
+
+def test_exp_run_with_only_the_name_stays_meaningful():
+    """`dvc exp run -S data.name=cifar10` on the default params: the data set's own size."""
+    params = parse_params(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
+    sizes = {}
+    for name in SOURCES:
+        sizes[name] = with_image_size(params.data, get_source(name)).image_size
+    assert sizes == {"digits": 8, "cifar10": 32, "intel": 64, "cats_vs_dogs": 64}
+    assert params.data.augment.flip  # flipped where the source allows it (not digits)
