@@ -113,6 +113,36 @@ def test_unreachable_server_and_missing_file(tmp_path):
     assert not list(tmp_path.rglob("*.part"))
 
 
+def test_connection_dropped_mid_download(tmp_path):
+    import http.server
+    import threading
+
+    class Dropping(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # promises 100,000 bytes, sends 10, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dropping)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cfg = _params(f"http://127.0.0.1:{server.server_address[1]}/x.tar.gz", "0" * 32).data
+        with pytest.raises(KdpipeError, match=r"incomplete \(10 of 100,000 bytes\)|broke off after 10 bytes"):
+            cifar10.download(tmp_path / "raw", cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert not list((tmp_path / "raw").iterdir())
+
+
 def test_bad_url_scheme_is_a_config_error():
     with pytest.raises(KdpipeError, match=r"data.cifar10.url='ftp://x/y' is not allowed"):
         _params("ftp://x/y", "0" * 32)

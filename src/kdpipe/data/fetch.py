@@ -9,6 +9,7 @@ download never leaves anything that looks usable.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import socket
 import tempfile
@@ -108,7 +109,7 @@ def download_file(url: str, dest: str | Path, md5: str, settings: str, desc: str
                 while True:
                     try:
                         chunk = src.read(CHUNK)
-                    except (OSError, socket.timeout) as exc:  # includes http.client.IncompleteRead
+                    except (OSError, socket.timeout, http.client.HTTPException) as exc:  # e.g. IncompleteRead
                         raise KdpipeError(
                             f"the download of {redact(url)} broke off after {received:,} bytes ({exc}); "
                             "run the download stage again."
