@@ -76,7 +76,8 @@ def plot_curves(curves: list[dict[str, str]], path: Path) -> None:
         line = ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], label=f"{name} train")[0]
         ax_loss.plot(epochs, [float(r["val_loss"]) for r in rows], "--", color=line.get_color(), label=f"{name} val")
         ax_acc.plot(epochs, [float(r["val_acc"]) for r in rows], color=line.get_color(), label=name)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss (train: objective, val: cross-entropy)")
+    ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="Loss (train: objective, val: cross-entropy)")
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax_loss.legend(fontsize=7)
     ax_acc.legend(fontsize=7)
