@@ -56,12 +56,19 @@ class StageRun:
         if self._mlflow is None:
             return
         import mlflow.pytorch
+        import numpy as np
         import torch
+
+        example = np.asarray(input_example)
+        if example.ndim > 0 and example.shape[0] == 1:
+            # MLflow exports with torch.export, which fixes a size-1 batch dimension: the logged
+            # model would then refuse any batch but one image. Two images keep it dynamic.
+            example = np.concatenate([example, example])
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mlflow.pytorch.log_model(
-                model, name=name, input_example=input_example,
+                model, name=name, input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
 
