@@ -28,11 +28,19 @@ def tmp_repo(tmp_path, monkeypatch):
 
 
 def test_default_tracking_uri(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("KDPIPE_ROOT", raising=False)
+    for name in ("MLFLOW_TRACKING_URI", "KDPIPE_ROOT", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert default_tracking_uri(tmp_path / "x") == f"sqlite:///{(tmp_path / 'x').resolve()}/mlflow.db"
+    # `dvc exp run --temp/--queue` runs stages in a temporary copy but points DVC_ROOT at the
+    # repository: the runs must land in the repository's store, not in the copy's
+    repo = tmp_path / "repo"
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    executor = tmp_path / "executor"
+    executor.mkdir()
+    monkeypatch.chdir(executor)
+    assert default_tracking_uri() == f"sqlite:///{repo.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri() == "http://127.0.0.1:5000"
 
