@@ -58,8 +58,9 @@ def stages_run(output: str) -> list[str]:
 
 def copy_project(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("src", "stages"):
-        shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=ignore)
+    for name in ("src", "stages", "conf"):  # conf/: data set presets, where present
+        if (PROJECT_ROOT / name).is_dir():
+            shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=ignore)
     for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore"):
         shutil.copy2(PROJECT_ROOT / name, dest / name)
 

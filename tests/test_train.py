@@ -23,11 +23,6 @@ AUGMENT = AugmentConfig(crop_padding=1, flip=True)
 HISTORY_COLUMNS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"}
 
 
-def student(seed: int, classes: int = 4, dropout: float = 0.1):
-    torch.manual_seed(seed)
-    return models.build("student_cnn", 1, classes, 8, widths=[8, 16], dropout=dropout)
-
-
 def run_fit(seed: int, runtime_cfg: RuntimeConfig = RuntimeConfig(device="cpu", threads=1), recipe=RECIPE,
             on_epoch=None, flip: bool = False):
     """What the workflow does: set up the runtime (which seeds every RNG), build, train.
