@@ -187,7 +187,7 @@ def write_report(
         gain = evaluation[best]["test_accuracy"] - evaluation["baseline"]["test_accuracy"]
         lines += [
             f"Best student: **{best}** at {evaluation[best]['test_accuracy']:.2f}% "
-            f"({gain:+.2f} points against the baseline, {evaluation[best].get('accuracy_drop', 0):+.2f} behind the "
+            f"({gain:+.2f} points against the baseline, {-evaluation[best].get('accuracy_drop', 0):+.2f} against the "
             f"teacher) with {evaluation[best].get('compression_ratio', 0):.1f}× fewer bytes.",
             "",
         ]
