@@ -317,3 +317,26 @@ def test_gradients_reach_the_student_only_and_teacher_stays_in_eval(method):
     # BatchNorm statistics of the teacher did not move
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert any(isinstance(m, FrozenTeacher) for m in obj.modules())
+
+
+@pytest.mark.parametrize("method", ["attention", "fitnets"])
+def test_teacher_stays_in_eval_mode_and_unchanged_through_the_training_engine(method, toy_data):
+    from kdpipe.runtime import setup_runtime
+    from kdpipe.train import fit
+
+    params = parse_params({"student": {"epochs": 2, "batch_size": 32}, "runtime": {"threads": 1, "bf16": "off"},
+                           "kd": {"methods": [method]}})
+    student = models.build("student_cnn", 1, 4, 8, widths=[8, 16, 32])
+    teacher = models.build("resnet18", 1, 4, 8)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes = []
+    teacher.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    obj = get_method(method)(student=student, teacher=teacher, targets=OnlineTeacher(teacher), kd=params.kd,
+                             temperature=4.0, alpha=0.9, input_shape=(1, 8, 8))
+    regressor = {k: v.clone() for k, v in obj.regressor.state_dict().items()} if method == "fitnets" else {}
+    result = fit(obj, toy_data, params.student, params.data.augment, setup_runtime(params.runtime, 0), 0, method)
+    assert len(result.history) == 2 and f"train_{'at' if method == 'attention' else 'hint'}" in result.history[0]
+    assert modes and not any(modes)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    if method == "fitnets":  # the regressor was optimised along with the student
+        assert not torch.equal(regressor["0.weight"], obj.regressor.state_dict()["0.weight"])

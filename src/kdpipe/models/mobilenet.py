@@ -109,9 +109,9 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
         return MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except Exception as exc:  # URLError, OSError, hash mismatch...: all mean "could not get the weights"
         raise KdpipeError(
-            f"teacher.pretrained=imagenet could not download {MobileNet_V2_Weights.IMAGENET1K_V1.url} "
-            f"({type(exc).__name__}: no network?); download that file on a connected machine, put it under "
-            "teachers/pretrained/ and set teacher.weights_path to it."
+            f"teacher.pretrained=imagenet must download {MobileNet_V2_Weights.IMAGENET1K_V1.url} and could not "
+            f"(no network: {type(exc).__name__}); copy that file under teachers/pretrained/ on this machine and "
+            "set teacher.weights_path to it instead."
         ) from None
 
 
