@@ -196,7 +196,8 @@ def test_combined_is_logit_kd_plus_attention():
     teacher = models.build("student_cnn", 1, 4, 8, widths=[16, 32]).eval()
     x = torch.randn(3, 1, 8, 8)
     targets = OnlineTeacher(teacher)
-    _, c = CombinedKD(student, teacher, targets, temperature=3.0, alpha=0.7, beta=10.0).eval().forward_train(x, Y, BATCH)
+    combined = CombinedKD(student, teacher, targets, temperature=3.0, alpha=0.7, beta=10.0).eval()
+    _, c = combined.forward_train(x, Y, BATCH)
     _, l = LogitKD(student, targets, 3.0, 0.7).eval().forward_train(x, Y, BATCH)
     _, a = AttentionTransfer(student, teacher, beta=10.0).eval().forward_train(x, Y, BATCH)
     assert set(c) == {"kd", "ce", "at"}

@@ -161,7 +161,6 @@ class TeacherConfig(TrainConfig):
     pretrained: Optional[Literal["imagenet"]] = None
     freeze_backbone: bool = False
     weights_path: Optional[str] = None
-
     input_size: Optional[int] = None  # mobilenet_v2: resize inside the model (null: 224)
 
     def check(self, key: str) -> None:
@@ -171,7 +170,8 @@ class TeacherConfig(TrainConfig):
         if self.arch != "mobilenet_v2":
             for name in ("pretrained", "weights_path", "input_size"):
                 if getattr(self, name) is not None:
-                    _fail(f"{key}.{name}", getattr(self, name), f"null with {key}.arch={self.arch} (only mobilenet_v2 uses it)")
+                    _fail(f"{key}.{name}", getattr(self, name),
+                          f"null with {key}.arch={self.arch} (only mobilenet_v2 uses it)")
         if self.input_size is not None and not 32 <= self.input_size <= 512:
             _fail(f"{key}.input_size", self.input_size, "null (224) or an integer between 32 and 512")
         if self.weights_path is not None and not _under(self.weights_path, PRETRAINED_DIR):
@@ -259,8 +259,8 @@ class KdConfig:
             _fail(f"{key}.alpha", self.alpha, "a number in [0, 1]")
         for path in self.teachers:
             if not _under(path, ENSEMBLE_DIR) or not path.endswith(".pt"):
-                _fail(f"{key}.teachers", path,
-                      f"a kdpipe model file (.pt) under {ENSEMBLE_DIR}/, the folder the distill stages declare as a DVC dependency")
+                _fail(f"{key}.teachers", path, f"a kdpipe model file (.pt) under {ENSEMBLE_DIR}/, "
+                      "the folder the distill stages declare as a DVC dependency")
         if len(set(self.teachers)) != len(self.teachers):
             _fail(f"{key}.teachers", self.teachers, "a list without repeats")
         if "multi_teacher" in self.methods and not self.teachers:

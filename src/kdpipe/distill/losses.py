@@ -48,7 +48,8 @@ def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return features.float().abs().pow(p).mean(dim=1)
 
 
-def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                            p: float = 2.0) -> torch.Tensor:
     """One stage pair: ``mean_n mean_j (q_s[n, j] - q_t[n, j])²`` with ``q = a / ‖a‖₂`` the
     flattened, L2-normalised attention maps (the authors' code's reduction). The teacher's map is
     resized to the student's size (:func:`resize_map`) before normalising."""

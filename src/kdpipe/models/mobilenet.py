@@ -123,7 +123,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise KdpipeError(f"teacher.weights_path={str(path)!r} is not a readable torch state_dict file ({exc}).") from None
+        raise KdpipeError(
+            f"teacher.weights_path={str(path)!r} is not a readable torch state_dict file ({exc})."
+        ) from None
     if isinstance(blob, Mapping) and isinstance(blob.get("state_dict"), Mapping):
         blob = blob["state_dict"]
     if not isinstance(blob, Mapping) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
@@ -149,7 +151,8 @@ def load_backbone(model: MobileNetV2Teacher, state: Mapping[str, torch.Tensor], 
                           f"missing, {len(wrong)} of the wrong shape, e.g. features.{example}).")
     model.features.load_state_dict({k: backbone[k] for k in expected})
     head = model.classifier[1]
-    loaded_head = state.get("classifier.1.weight") is not None and state["classifier.1.weight"].shape == head.weight.shape
+    head_weight = state.get("classifier.1.weight")
+    loaded_head = head_weight is not None and head_weight.shape == head.weight.shape
     if loaded_head:
         head.load_state_dict({"weight": state["classifier.1.weight"], "bias": state["classifier.1.bias"]})
     return {"weights": source, "classifier_loaded": bool(loaded_head)}

@@ -20,7 +20,8 @@ class StudentCNN(nn.Module):
         for width in widths:
             layers: list[nn.Module] = []
             for _ in range(convs_per_block):
-                layers += [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
                 prev = width
             if size >= 2:  # pool while there is something to pool, so tiny inputs still work
                 layers.append(nn.MaxPool2d(2))
