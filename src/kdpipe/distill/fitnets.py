@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import nn
 
+from kdpipe.config import FitnetsConfig
 from kdpipe.distill.base import Objective, register
 from kdpipe.distill.features import forward_with_features, frozen_teacher, pair_stages, probe_channels
 from kdpipe.distill.losses import hint_loss
@@ -34,7 +35,7 @@ class FitNets(Objective):
         if input_shape is None:
             raise KdpipeError("fitnets needs the input shape (C, H, W) to size its regressor.")
         self.teacher = frozen_teacher(teacher, targets)
-        self.beta = (kd.fitnets.beta if kd is not None else 100.0) if beta is None else beta
+        self.beta = (kd.fitnets if kd is not None else FitnetsConfig()).beta if beta is None else beta
         pairs = pair_stages(student.feature_names, self.teacher.model.feature_names)
         self.student_layer, self.teacher_layer = pairs[(len(pairs) - 1) // 2]
         (c_s,) = probe_channels(student, [self.student_layer], input_shape)
