@@ -26,12 +26,13 @@ from tests.data_fixtures import (build_tfds_cats_vs_dogs, http_server, make_cifa
 
 pytestmark = pytest.mark.e2e
 
-COPIED = ["src", "stages", "conf", "dvc.yaml", "params.yaml", ".dvcignore"]
+COPIED = ["src", "stages", "conf", "teachers", "dvc.yaml", "params.yaml", ".dvcignore"]
 TINY = {
     "data.image_size": 8,
     "teacher.epochs": 1, "teacher.batch_size": 32,
     "student.epochs": 1, "student.batch_size": 32, "student.widths": [8, 16],
     "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2,
+    "kd.methods": ["logit"],  # the data sources are under test here, not the KD methods
     "mlflow.log_models": False,
     "runtime.device": "cpu", "runtime.threads": 1,
 }

@@ -58,7 +58,7 @@ def stages_run(output: str) -> list[str]:
 
 def copy_project(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("src", "stages", "conf"):  # conf/: data set presets, where present
+    for name in ("src", "stages", "conf", "teachers"):  # conf/: presets; teachers/: declared deps
         if (PROJECT_ROOT / name).is_dir():
             shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=ignore)
     for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore"):
@@ -70,6 +70,7 @@ def tiny_params(path: Path) -> None:
     params["teacher"]["epochs"] = TEACHER_EPOCHS
     params["teacher"].update(batch_size=64, lr=0.02)  # learns something (~85% val) in its one epoch
     params["student"]["epochs"] = STUDENT_EPOCHS
+    params["kd"]["methods"] = ["logit"]  # pipeline mechanics with one method (test_e2e_kd_methods.py: several)
     params["evaluate"].update(batch_size=64, latency_warmup=1, latency_runs=3)
     params["mlflow"]["log_models"] = False  # model logging has its own test (test_tracking.py)
     params["runtime"]["threads"] = 1  # a shared 2-core CI box: two threads per process oversubscribe it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,17 @@ DATASETS = ("digits", "cifar10", "intel", "cats_vs_dogs")
 TEACHER_ARCHS = ("resnet18", "vea_resnet18", "mobilenet_v2")
 STUDENT_ARCHS = ("student_cnn",)
 KD_METHODS = ("logit", "attention", "combined", "fitnets", "dkd", "multi_teacher")
+
+
+# Files a stage reads that params name must sit in folders dvc.yaml declares as dependencies.
+PRETRAINED_DIR = "teachers/pretrained"  # teacher.weights_path (train_teacher)
+ENSEMBLE_DIR = "teachers/ensemble"  # kd.teachers (distill)
+
+
+def _under(path: str, folder: str) -> bool:
+    """True when relative ``path`` names something inside ``folder`` (no ``..`` escapes)."""
+    norm = posixpath.normpath(path.replace("\\", "/"))
+    return not posixpath.isabs(norm) and norm.startswith(folder + "/")
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -153,17 +165,32 @@ class TeacherConfig(TrainConfig):
     pretrained: Optional[Literal["imagenet"]] = None
     freeze_backbone: bool = False
     weights_path: Optional[str] = None
+    input_size: Optional[int] = None  # mobilenet_v2: resize inside the model (null: 224)
 
     def check(self, key: str) -> None:
         super().check(key)
         if self.arch not in TEACHER_ARCHS:
             _fail(f"{key}.arch", self.arch, "one of " + ", ".join(TEACHER_ARCHS))
+        if self.arch != "mobilenet_v2":
+            for name in ("pretrained", "weights_path", "input_size"):
+                if getattr(self, name) is not None:
+                    _fail(f"{key}.{name}", getattr(self, name),
+                          f"null with {key}.arch={self.arch} (only mobilenet_v2 uses it)")
+        if self.input_size is not None and not 32 <= self.input_size <= 512:
+            _fail(f"{key}.input_size", self.input_size, "null (224) or an integer between 32 and 512")
+        if self.weights_path is not None and not _under(self.weights_path, PRETRAINED_DIR):
+            _fail(f"{key}.weights_path", self.weights_path,
+                  f"a file under {PRETRAINED_DIR}/, the folder train_teacher declares as a DVC dependency")
+        if self.freeze_backbone and self.pretrained is None and self.weights_path is None:
+            _fail(f"{key}.freeze_backbone", self.freeze_backbone,
+                  f"false unless {key}.pretrained or {key}.weights_path gives pretrained weights to freeze")
 
 
 @dataclass(frozen=True)
 class StudentConfig(TrainConfig):
     arch: str = "student_cnn"
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    convs_per_block: int = 1
     dropout: float = 0.2
 
     def check(self, key: str) -> None:
@@ -172,6 +199,8 @@ class StudentConfig(TrainConfig):
             _fail(f"{key}.arch", self.arch, "one of " + ", ".join(STUDENT_ARCHS))
         if not self.widths or any(w <= 0 for w in self.widths):
             _fail(f"{key}.widths", self.widths, "a non-empty list of integers > 0")
+        if not 1 <= self.convs_per_block <= 8:
+            _fail(f"{key}.convs_per_block", self.convs_per_block, "an integer between 1 and 8")
         if not 0 <= self.dropout < 1:
             _fail(f"{key}.dropout", self.dropout, "a number in [0, 1)")
 
@@ -232,6 +261,16 @@ class KdConfig:
             _fail(f"{key}.temperature", self.temperature, "a number > 0")
         if not 0 <= self.alpha <= 1:
             _fail(f"{key}.alpha", self.alpha, "a number in [0, 1]")
+        for path in self.teachers:
+            if not _under(path, ENSEMBLE_DIR) or not path.endswith(".pt"):
+                _fail(f"{key}.teachers", path, f"a kdpipe model file (.pt) under {ENSEMBLE_DIR}/, "
+                      "the folder the distill stages declare as a DVC dependency")
+        if len(set(self.teachers)) != len(self.teachers):
+            _fail(f"{key}.teachers", self.teachers, "a list without repeats")
+        if "multi_teacher" in self.methods and not self.teachers:
+            _fail(f"{key}.teachers", self.teachers,
+                  f"at least one extra teacher under {ENSEMBLE_DIR}/ when {key}.methods has multi_teacher "
+                  "(the pipeline's own teacher is always part of the ensemble)")
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,24 @@ from kdpipe.data.prepare import PreparedData, load_prepared
 from kdpipe.distill import CrossEntropyObjective, Objective, OnlineTeacher, get_method
 from kdpipe.errors import KdpipeError
 from kdpipe.io import write_csv, write_json
+from kdpipe.models.mobilenet import DEFAULT_INPUT_SIZE, load_pretrained
 from kdpipe.runtime import Runtime, setup_runtime
 from kdpipe.tracking import stage_run
 from kdpipe.train import fit
 
 
-def teacher_arch_params(params: Params) -> dict[str, Any]:
-    return {}
+def teacher_arch_params(params: Params, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    if params.teacher.arch != "mobilenet_v2":
+        return {}
+    # the data set's statistics let the model map its inputs to what ImageNet weights expect
+    return {"input_size": params.teacher.input_size or DEFAULT_INPUT_SIZE,
+            "freeze_backbone": params.teacher.freeze_backbone,
+            "data_mean": list(meta["mean"]) if meta else None, "data_std": list(meta["std"]) if meta else None}
 
 
 def student_arch_params(params: Params) -> dict[str, Any]:
-    return {"widths": list(params.student.widths), "dropout": params.student.dropout}
+    return {"widths": list(params.student.widths), "dropout": params.student.dropout,
+            "convs_per_block": params.student.convs_per_block}
 
 
 def build_model(arch: str, arch_params: dict[str, Any], data: PreparedData) -> nn.Module:
@@ -72,8 +79,9 @@ def train_and_save(
 def train_teacher(params: Params) -> dict[str, Any]:
     runtime = setup_runtime(params.runtime, params.seed)
     data = load_prepared(paths.PREPARED_DIR)
-    arch_params = teacher_arch_params(params)
+    arch_params = teacher_arch_params(params, data.meta)
     model = build_model(params.teacher.arch, arch_params, data)
+    load_pretrained(model, params.teacher.pretrained, params.teacher.weights_path)
     objective = CrossEntropyObjective(model, params.teacher.label_smoothing)
     return train_and_save(paths.TEACHER, "train_teacher", objective, params.teacher.arch, arch_params,
                           params.teacher, params, data, runtime)
@@ -105,6 +113,7 @@ def distill(params: Params, method: str) -> dict[str, Any]:
     objective = factory(
         student=student, teacher=teacher, targets=OnlineTeacher(teacher), kd=params.kd,
         temperature=params.kd.temperature, alpha=params.kd.alpha, label_smoothing=params.student.label_smoothing,
+        input_shape=(data.channels, data.image_size, data.image_size), meta=data.meta,
     )
     return train_and_save(paths.distilled_name(method), "distill", objective, params.student.arch, arch_params,
                           params.student, params, data, runtime, method=method)

@@ -1,0 +1,160 @@
+"""T×α sweeps: read finished DVC experiments (``dvc exp show --json``) and draw the distilled
+student's test accuracy as a heatmap plus a sorted markdown table.
+
+The grid itself is DVC's::
+
+    dvc exp run --queue -S 'kd.temperature=1,2,3,4,5' -S 'kd.alpha=0.1,0.3,0.5,0.7,0.9'
+    dvc queue start
+    kdpipe sweep-report --out reports/sweep
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdpipe.errors import KdpipeError
+
+PARAMS_FILE = "params.yaml"
+EVALUATION_FILE = "metrics/evaluation.json"
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    name: str
+    rev: str
+    timestamp: str
+    temperature: float
+    alpha: float
+    accuracy: float
+    baseline: float | None
+
+    @property
+    def gain(self) -> float | None:
+        return None if self.baseline is None else self.accuracy - self.baseline
+
+
+def run_exp_show(repo: str | Path = ".", all_commits: bool = False) -> Any:
+    """``dvc exp show --json`` in ``repo``, parsed."""
+    cmd = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
+    try:
+        out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise KdpipeError("the dvc command is not on PATH; activate the project's virtual environment.") from None
+    if out.returncode != 0:
+        raise KdpipeError(f"'{' '.join(cmd)}' failed in {repo}: {out.stderr.strip().splitlines()[-1:] or '?'}.")
+    return json.loads(out.stdout)
+
+
+def _experiment_revs(exp_show: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(experiment name, rev record) for every experiment under every commit shown."""
+    for commit in exp_show or []:
+        for exp in commit.get("experiments") or []:
+            revs = exp.get("revs") or []
+            if revs:  # the first rev is the experiment's latest result
+                yield exp.get("name") or revs[0].get("name") or revs[0]["rev"][:7], revs[0]
+
+
+def _file_data(files: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    entry = (files or {}).get(name)
+    return entry.get("data") if isinstance(entry, dict) else None
+
+
+def collect_rows(exp_show: Any, method: str = "logit") -> list[SweepRow]:
+    """One row per finished experiment that has kd.temperature, kd.alpha and the method's accuracy."""
+    key = f"distilled_{method}"
+    rows = []
+    for name, rev in _experiment_revs(exp_show):
+        data = rev.get("data") or {}
+        params = _file_data(data.get("params"), PARAMS_FILE) or {}
+        evaluation = _file_data(data.get("metrics"), EVALUATION_FILE) or {}
+        kd = params.get("kd") or {}
+        if rev.get("error") or key not in evaluation or "temperature" not in kd or "alpha" not in kd:
+            continue
+        baseline = (evaluation.get("baseline") or {}).get("test_accuracy")
+        rows.append(SweepRow(name, rev.get("rev", ""), data.get("timestamp") or "", float(kd["temperature"]),
+                             float(kd["alpha"]), float(evaluation[key]["test_accuracy"]),
+                             None if baseline is None else float(baseline)))
+    return rows
+
+
+def grid(rows: Sequence[SweepRow]) -> tuple[list[float], list[float], list[list[float]]]:
+    """Temperatures (rows), alphas (columns) and accuracies; NaN where no experiment ran and
+    the newest experiment where several share a cell."""
+    temps = sorted({r.temperature for r in rows})
+    alphas = sorted({r.alpha for r in rows})
+    cells: dict[tuple[float, float], SweepRow] = {}
+    for r in rows:
+        old = cells.get((r.temperature, r.alpha))
+        if old is None or r.timestamp > old.timestamp:
+            cells[(r.temperature, r.alpha)] = r
+    values = [[cells[(t, a)].accuracy if (t, a) in cells else math.nan for a in alphas] for t in temps]
+    return temps, alphas, values
+
+
+def markdown_table(rows: Sequence[SweepRow], method: str) -> str:
+    ordered = sorted(rows, key=lambda r: (-r.accuracy, r.temperature, r.alpha, r.name))
+    lines = [f"| Rank | Experiment | T | α | distilled_{method} test acc. (%) | vs baseline (pt) |",
+             "|---|---|---|---|---|---|"]
+    for i, r in enumerate(ordered, 1):
+        gain = "–" if r.gain is None else f"{r.gain:+.2f}"
+        lines.append(f"| {i} | {r.name} | {r.temperature:g} | {r.alpha:g} | {r.accuracy:.2f} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(rows: Sequence[SweepRow], method: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from kdpipe.io import atomic_path
+
+    temps, alphas, values = grid(rows)
+    arr = np.array(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(alphas) + 2.5, 0.8 * len(temps) + 1.8))
+    image = ax.imshow(np.ma.masked_invalid(arr), cmap="viridis", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_yticks(range(len(temps)), [f"{t:g}" for t in temps])
+    ax.set(xlabel="kd.alpha (weight of the soft term)", ylabel="kd.temperature",
+           title=f"distilled_{method}: test accuracy (%)")
+    finite = arr[np.isfinite(arr)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for i in range(len(temps)):
+        for j in range(len(alphas)):
+            if np.isfinite(arr[i, j]):
+                ax.text(j, i, f"{arr[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if arr[i, j] < middle else "black")
+    baselines = {r.baseline for r in rows if r.baseline is not None}
+    if len(baselines) == 1:
+        ax.set_title(f"distilled_{method}: test accuracy (%); baseline {baselines.pop():.2f}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="test accuracy (%)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def sweep_report(out_dir: str | Path, method: str = "logit", exp_show: Any = None, repo: str | Path = ".",
+                 all_commits: bool = False) -> list[SweepRow]:
+    """Write ``sweep_heatmap.png`` and ``sweep_table.md`` into ``out_dir``; return the rows."""
+    from kdpipe.io import atomic_path
+
+    if exp_show is None:
+        exp_show = run_exp_show(repo, all_commits)
+    rows = collect_rows(exp_show, method)
+    if not rows:
+        raise KdpipeError(f"no finished experiment has kd.temperature, kd.alpha and distilled_{method} in "
+                          f"{EVALUATION_FILE}; run the sweep first (dvc exp run --queue ..., dvc queue start).")
+    out = Path(out_dir)
+    plot_heatmap(rows, method, out / "sweep_heatmap.png")
+    with atomic_path(out / "sweep_table.md") as tmp:
+        tmp.write_text(f"# T×α sweep: distilled_{method}\n\n{len(rows)} experiments, best first.\n\n"
+                       + markdown_table(rows, method))
+    return rows

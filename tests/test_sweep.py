@@ -1,0 +1,73 @@
+"""kdpipe sweep-report on a synthetic ``dvc exp show --json`` (the real queue is exercised in
+tests/test_e2e_kd_methods.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kdpipe.cli import main
+from kdpipe.errors import KdpipeError
+from kdpipe.sweep import collect_rows, grid, sweep_report
+
+
+def _rev(name, t, a, acc, ts, baseline=90.0, error=None):
+    return {"rev": name * 5, "name": name, "error": error, "experiments": None, "data": {
+        "rev": name * 5, "timestamp": ts,
+        "params": {"params.yaml": {"data": {"kd": {"temperature": t, "alpha": a, "methods": ["logit"]}}}},
+        "metrics": {"metrics/evaluation.json": {"data": {
+            "baseline": {"test_accuracy": baseline}, "distilled_logit": {"test_accuracy": acc}}}},
+    }}
+
+
+EXP_SHOW = [
+    {"rev": "workspace", "name": None, "error": None, "experiments": None,
+     "data": _rev("w", 4.0, 0.9, 99.0, "2026-01-01T00:00:00")["data"]},
+    {"rev": "abc", "name": "main", "error": None, "data": _rev("m", 4.0, 0.9, 99.0, "2026-01-01T00:00:00")["data"],
+     "experiments": [
+         {"name": "e1", "executor": None, "revs": [_rev("e1", 1, 0.5, 91.5, "2026-01-01T01:00:00")]},
+         {"name": "e2", "executor": None, "revs": [_rev("e2", 1, 0.9, 93.0, "2026-01-01T02:00:00")]},
+         {"name": "e3", "executor": None, "revs": [_rev("e3", 4, 0.5, 92.0, "2026-01-01T03:00:00")]},
+         {"name": "e4", "executor": None, "revs": [_rev("e4", 4, 0.9, 95.25, "2026-01-01T04:00:00")]},
+         {"name": "e4b", "executor": None, "revs": [_rev("e4b", 4, 0.9, 94.0, "2026-01-01T05:00:00")]},
+         {"name": "bad", "executor": None, "revs": [_rev("bad", 2, 0.5, 0.0, "2026-01-01T06:00:00", error={"x": 1})]},
+     ]},
+]
+
+
+def test_rows_come_from_experiments_only_and_skip_failed_ones():
+    rows = collect_rows(EXP_SHOW, "logit")
+    assert [r.name for r in rows] == ["e1", "e2", "e3", "e4", "e4b"]
+    assert rows[0].temperature == 1.0 and rows[0].alpha == 0.5 and rows[0].gain == pytest.approx(1.5)
+    assert collect_rows(EXP_SHOW, "dkd") == []
+
+
+def test_grid_keeps_the_newest_experiment_per_cell():
+    temps, alphas, values = grid(collect_rows(EXP_SHOW, "logit"))
+    assert temps == [1.0, 4.0] and alphas == [0.5, 0.9]
+    assert values == [[91.5, 93.0], [92.0, 94.0]]
+    _, _, sparse = grid(collect_rows(EXP_SHOW, "logit")[:1] + collect_rows(EXP_SHOW, "logit")[3:4])
+    assert math.isnan(sparse[0][1]) and math.isnan(sparse[1][0])
+
+
+def test_cli_writes_heatmap_and_sorted_table(tmp_path, capsys):
+    src = tmp_path / "exp_show.json"
+    src.write_text(json.dumps(EXP_SHOW))
+    assert main(["sweep-report", "--input", str(src), "--out", str(tmp_path / "sweep")]) == 0
+    assert (tmp_path / "sweep" / "sweep_heatmap.png").stat().st_size > 1000
+    table = (tmp_path / "sweep" / "sweep_table.md").read_text()
+    accs = [float(line.split("|")[5]) for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert accs == [95.25, 94.0, 93.0, 92.0, 91.5]
+    assert "| 1 | e4 | 4 | 0.9 | 95.25 | +5.25 |" in table
+    assert "95.25" in capsys.readouterr().out
+
+
+def test_no_finished_experiment_is_one_sentence(tmp_path, capsys):
+    with pytest.raises(KdpipeError, match="run the sweep first"):
+        sweep_report(tmp_path, "logit", exp_show=EXP_SHOW[:1])
+    src = tmp_path / "empty.json"
+    src.write_text("[]")
+    assert main(["sweep-report", "--input", str(src), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: no finished experiment")
