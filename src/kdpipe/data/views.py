@@ -42,6 +42,9 @@ class Views:
     dx: torch.Tensor
     flip: torch.Tensor
 
+    def __getitem__(self, rows: slice) -> "Views":
+        return Views(self.dy[rows], self.dx[rows], self.flip[rows])
+
 
 def make_views(seed: int, epoch: int, indices: torch.Tensor, pad: int, flip: bool) -> Views:
     h = view_hash(seed, epoch, indices.cpu())
