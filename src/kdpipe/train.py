@@ -49,7 +49,7 @@ def make_scheduler(opt: torch.optim.Optimizer, recipe: TrainConfig, steps_per_ep
     total = recipe.epochs * steps_per_epoch
     if recipe.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=recipe.lr, total_steps=total, pct_start=max(recipe.warmup_fraction, 1e-3),
+            opt, max_lr=recipe.lr, total_steps=total, pct_start=min(max(recipe.warmup_fraction, 1.01 / total), 0.99),
             anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0,
             cycle_momentum=recipe.optimizer == "sgd" and recipe.momentum > 0,
             base_momentum=min(0.85, recipe.momentum), max_momentum=recipe.momentum,
