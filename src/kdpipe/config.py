@@ -8,6 +8,7 @@ dotted key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -333,14 +334,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             _fail(key, value, "an integer")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, value, "a number")
-        return float(value)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            _fail(key, value, "a finite number")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             _fail(key, value, "a string")
@@ -386,7 +388,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}.") from None
+        # One sentence: PyYAML's own message spans several lines with a caret drawing.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix the file and run the stage again.") from None
     return parse_params(data)
 
 

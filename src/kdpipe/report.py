@@ -76,7 +76,8 @@ def plot_curves(curves: list[dict[str, str]], path: Path) -> None:
         line = ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], label=f"{name} train")[0]
         ax_loss.plot(epochs, [float(r["val_loss"]) for r in rows], "--", color=line.get_color(), label=f"{name} val")
         ax_acc.plot(epochs, [float(r["val_acc"]) for r in rows], color=line.get_color(), label=name)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss (train: objective, val: cross-entropy)")
+    ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="Loss (train: objective, val: cross-entropy)")
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax_loss.legend(fontsize=7)
     ax_acc.legend(fontsize=7)
@@ -186,7 +187,7 @@ def write_report(
         gain = evaluation[best]["test_accuracy"] - evaluation["baseline"]["test_accuracy"]
         lines += [
             f"Best student: **{best}** at {evaluation[best]['test_accuracy']:.2f}% "
-            f"({gain:+.2f} points against the baseline, {evaluation[best].get('accuracy_drop', 0):+.2f} behind the "
+            f"({gain:+.2f} points against the baseline, {-evaluation[best].get('accuracy_drop', 0):+.2f} against the "
             f"teacher) with {evaluation[best].get('compression_ratio', 0):.1f}× fewer bytes.",
             "",
         ]

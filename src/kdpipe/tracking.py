@@ -16,10 +16,14 @@ PROJECT_ROOT_ENV = "KDPIPE_ROOT"
 
 
 def default_tracking_uri(root: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store at the project root."""
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store at the project root.
+
+    DVC gives every stage command ``DVC_ROOT``: the repository root, also when ``dvc exp run
+    --temp`` or ``--queue`` runs the stage in a temporary copy whose store would be thrown away.
+    """
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(root or os.environ.get(PROJECT_ROOT_ENV) or Path.cwd()).resolve()
+    root = Path(root or os.environ.get(PROJECT_ROOT_ENV) or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -56,12 +60,19 @@ class StageRun:
         if self._mlflow is None:
             return
         import mlflow.pytorch
+        import numpy as np
         import torch
+
+        example = np.asarray(input_example)
+        if example.ndim > 0 and example.shape[0] == 1:
+            # MLflow exports with torch.export, which fixes a size-1 batch dimension: the logged
+            # model would then refuse any batch but one image. Two images keep it dynamic.
+            example = np.concatenate([example, example])
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mlflow.pytorch.log_model(
-                model, name=name, input_example=input_example,
+                model, name=name, input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
 

@@ -110,6 +110,7 @@ def fit(
                 logits, losses = step_fn(batch.images, batch.labels, BatchContext(batch.indices, epoch))
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
+            lr = opt.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -129,7 +130,7 @@ def fit(
             "train_acc": round(correct.item() / len(train) * 100.0, 4),
             "val_loss": round(val_loss, 6),
             "val_acc": round(val_acc, 4),
-            "lr": round(opt.param_groups[0]["lr"], 8),
+            "lr": round(lr, 8),  # of the epoch's last update
             "epoch_seconds": round(train_seconds, 3),
             **{f"train_{name}": round(v.item() / len(train), 6) for name, v in sums.items()},
         }

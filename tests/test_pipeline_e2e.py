@@ -1,0 +1,323 @@
+"""End to end: the real `dvc repro`, `dvc exp run`, `dvc metrics diff`, `dvc plots diff` and the MLflow
+store, on a copy of the project in a temporary git repository, with tiny epochs.
+
+Everything expensive runs once, in the module fixture; each test then checks one promise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.e2e
+
+ALL_STAGES = ["download", "prepare", "train_teacher", "train_student", "distill@logit", "evaluate", "report"]
+DOWNSTREAM_OF_KD = ["distill@logit", "evaluate", "report"]
+MODEL_KEYS = {"test_accuracy", "params", "size_mb", "latency_ms_b1", "throughput_ips"}
+STUDENT_KEYS = MODEL_KEYS | {"compression_ratio", "speedup", "accuracy_drop", "efficiency"}
+FIGURES = ["accuracy.png", "training_curves.png", "confusion_matrices.png", "predictions.png",
+           "accuracy_vs_latency.png", "accuracy_vs_size.png"]
+EXP_NAME = "kd-t3"
+TEACHER_EPOCHS, STUDENT_EPOCHS = 1, 2
+
+
+@dataclass
+class Project:
+    root: Path
+    env: dict
+    log: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        start = time.perf_counter()
+        done = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=900)
+        self.log.append((cmd, done.returncode, round(time.perf_counter() - start, 1)))
+        if check and done.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return done
+
+    def git(self, *args: str) -> str:
+        return self.run("git", *args).stdout.strip()
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def copy_project(dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("src", "stages", "conf"):  # conf/: data set presets, where present
+        if (PROJECT_ROOT / name).is_dir():
+            shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=ignore)
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore"):
+        shutil.copy2(PROJECT_ROOT / name, dest / name)
+
+
+def tiny_params(path: Path) -> None:
+    params = yaml.safe_load(path.read_text())
+    params["teacher"]["epochs"] = TEACHER_EPOCHS
+    params["teacher"].update(batch_size=64, lr=0.02)  # learns something (~85% val) in its one epoch
+    params["student"]["epochs"] = STUDENT_EPOCHS
+    params["evaluate"].update(batch_size=64, latency_warmup=1, latency_runs=3)
+    params["mlflow"]["log_models"] = False  # model logging has its own test (test_tracking.py)
+    params["runtime"]["threads"] = 1  # a shared 2-core CI box: two threads per process oversubscribe it
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    root = tmp_path_factory.mktemp("kdpipe_e2e")
+    copy_project(root)
+    tiny_params(root / "params.yaml")
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONPATH": str(root / "src"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "kdpipe-test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "kdpipe-test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+    for key in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT", "KDPIPE_ROOT"):
+        env.pop(key, None)
+    p = Project(root, env)
+    p.git("init", "-q")
+    p.git("config", "user.name", "kdpipe-test")
+    p.git("config", "user.email", "test@example.com")
+    p.run("dvc", "init", "-q")
+    (root / ".dvc" / "plots").mkdir(exist_ok=True)
+    shutil.copy2(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")
+    for template in (PROJECT_ROOT / ".dvc" / "plots").glob("*.json"):
+        shutil.copy2(template, root / ".dvc" / "plots" / template.name)
+    p.git("add", "-A")
+    p.git("commit", "-q", "-m", "project without outputs")
+    r = p.results
+    r["rev_before_repro"] = p.git("rev-parse", "HEAD")
+
+    first = p.run("dvc", "repro")
+    r["repro_stages"] = stages_run(first.stdout)
+    r["evaluation"] = json.loads((root / "metrics" / "evaluation.json").read_text())
+    r["status"] = p.run("dvc", "status", "--json").stdout
+    r["second_repro"] = p.run("dvc", "repro").stdout
+
+    p.git("add", "-A")
+    p.git("commit", "-q", "-m", "tiny run")
+    r["rev_baseline"] = p.git("rev-parse", "HEAD")
+
+    exp = p.run("dvc", "exp", "run", "-n", EXP_NAME, "-S", "kd.temperature=3")
+    r["exp_stages"] = stages_run(exp.stdout)
+    r["exp_evaluation"] = json.loads((root / "metrics" / "evaluation.json").read_text())
+    r["metrics_diff"] = json.loads(p.run("dvc", "metrics", "diff", "HEAD", "--all", "--json").stdout)
+    r["plots_diff"] = json.loads(p.run("dvc", "plots", "diff", "HEAD", "--json").stdout)
+    r["exp_show"] = json.loads(p.run("dvc", "exp", "show", "--json").stdout)
+    return p
+
+
+def test_repro_runs_every_stage_once(project):
+    assert project.results["repro_stages"] == ALL_STAGES
+
+
+def test_outputs_exist(project):
+    root = project.root
+    for name in ("teacher", "baseline", "distilled_logit"):
+        assert (root / "models" / f"{name}.pt").stat().st_size > 0
+        history = (root / "plots" / "history" / f"{name}.csv").read_text().splitlines()
+        epochs = TEACHER_EPOCHS if name == "teacher" else STUDENT_EPOCHS
+        assert history[0].startswith("model,epoch,train_loss,train_acc,val_loss,val_acc,lr")
+        assert len(history) == 1 + epochs
+        train = json.loads((root / "metrics" / f"{name}.json").read_text())
+        assert train["epochs"] == epochs
+    for name in ("curves.csv", "predictions.csv", "per_class_accuracy.csv", "accuracy_vs_cost.csv"):
+        assert (root / "plots" / name).stat().st_size > 0
+    for name in ("teacher", "baseline", "distilled_logit"):
+        rows = (root / "plots" / "confusion" / f"{name}.csv").read_text().splitlines()
+        assert rows[0] == "actual,predicted"
+    data = json.loads((root / "metrics" / "data.json").read_text())
+    assert data["dataset"] == "digits" and data["classes"] == 10
+    assert data["train_images"] + data["val_images"] + data["test_images"] == 1797
+
+
+def test_evaluation_json_has_every_model_with_the_documented_keys(project):
+    evaluation = project.results["evaluation"]
+    assert list(evaluation) == ["teacher", "baseline", "distilled_logit"]
+    assert MODEL_KEYS <= set(evaluation["teacher"])
+    for name in ("baseline", "distilled_logit"):
+        m = evaluation[name]
+        assert STUDENT_KEYS <= set(m)
+        teacher = evaluation["teacher"]
+        assert m["compression_ratio"] == pytest.approx(teacher["size_mb"] / m["size_mb"], rel=1e-3)
+        assert m["accuracy_drop"] == pytest.approx(teacher["test_accuracy"] - m["test_accuracy"], abs=1e-3)
+        assert m["params"] == evaluation["baseline"]["params"]  # the same student, twice
+    assert evaluation["teacher"]["params"] > 50 * evaluation["baseline"]["params"]
+    # even one or two epochs learn something: the pipeline trains, it does not just write files
+    assert evaluation["teacher"]["test_accuracy"] > 50 and evaluation["baseline"]["test_accuracy"] > 50
+    for m in evaluation.values():
+        assert 0 <= m["test_accuracy"] <= 100 and m["latency_ms_b1"] > 0 and m["throughput_ips"] > 0
+
+
+def test_report_and_figures(project):
+    root = project.root
+    report = (root / "reports" / "report.md").read_text()
+    for name in ("teacher", "baseline", "distilled_logit"):
+        assert f"| {name} |" in report
+    # the report was redrawn by the experiment: it shows the experiment's numbers and T
+    for name, metrics in project.results["exp_evaluation"].items():
+        assert f"| {name} | {metrics['test_accuracy']:.2f} |" in report
+    assert "T=3.0" in report
+    for figure in FIGURES:
+        path = root / "reports" / "figures" / figure
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        assert f"figures/{figure}" in report
+
+
+def test_everything_is_up_to_date_after_repro(project):
+    assert json.loads(project.results["status"]) == {}
+    second = project.results["second_repro"]
+    assert stages_run(second) == []
+    for stage in ALL_STAGES:
+        assert f"'{stage}' didn't change, skipping" in second
+
+
+def lock_outs(text: str) -> dict[str, str]:
+    lock = yaml.safe_load(text)
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def test_changing_kd_temperature_reruns_only_distill_evaluate_report(project):
+    assert project.results["exp_stages"] == DOWNSTREAM_OF_KD
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    assert params["kd"]["temperature"] == 3
+    before = lock_outs(project.git("show", "HEAD:dvc.lock"))
+    after = lock_outs((project.root / "dvc.lock").read_text())
+    # the teacher and the baseline were not retrained; the distilled student was, to another result
+    for path in ("models/teacher.pt", "models/baseline.pt", "data/prepared", "metrics/teacher.json",
+                 "plots/history/teacher.csv", "plots/history/baseline.csv"):
+        assert after[path] == before[path], path
+    for path in ("models/distilled_logit.pt", "plots/history/distilled_logit.csv"):
+        assert after[path] != before[path], path
+    changed = project.git("status", "--porcelain")
+    assert "metrics/teacher.json" not in changed and "metrics/baseline.json" not in changed
+    assert "metrics/distilled_logit.json" in changed
+
+
+def test_metrics_diff_shows_the_distilled_metrics(project):
+    diff = project.results["metrics_diff"]
+    evaluation = diff["metrics/evaluation.json"]
+    old, new = project.results["evaluation"], project.results["exp_evaluation"]
+    for key in STUDENT_KEYS:
+        entry = evaluation[f"distilled_logit.{key}"]
+        assert entry["old"] == old["distilled_logit"][key]
+        assert entry["new"] == new["distilled_logit"][key]
+    # the teacher was not retrained: same accuracy and size, only timings may move
+    for key in ("test_accuracy", "params", "size_mb"):
+        assert evaluation[f"teacher.{key}"]["old"] == evaluation[f"teacher.{key}"]["new"]
+    distilled = diff["metrics/distilled_logit.json"]
+    assert distilled["epochs"] == {"old": STUDENT_EPOCHS, "new": STUDENT_EPOCHS, "diff": 0}
+    assert set(distilled) >= {"best_val_accuracy", "best_epoch", "train_seconds", "params"}
+    # the teacher's training metrics are the committed ones, to the last digit
+    for key, entry in diff["metrics/teacher.json"].items():
+        assert entry["old"] == entry["new"], key
+
+
+def test_plots_diff_renders_every_plot_for_both_revisions(project):
+    plots = project.results["plots_diff"]
+    assert not plots.get("errors"), plots.get("errors")
+    data = plots["data"]
+    for title in ("Training curves (validation accuracy)", "Accuracy vs latency", "Per-class test accuracy"):
+        (rendered,) = data[title]
+        assert rendered["type"] == "vega"
+        assert set(rendered["revisions"]) == {"HEAD", "workspace"}
+    confusion = [k for k in data if k.startswith("plots/confusion")]
+    assert {Path(k).name for k in confusion} == {"teacher.csv", "baseline.csv", "distilled_logit.csv"}
+
+
+def test_exp_show_lists_the_experiment(project):
+    text = json.dumps(project.results["exp_show"])
+    assert EXP_NAME in text
+
+
+# ------------------------------------------------------------------------------------ MLflow
+
+
+@pytest.fixture(scope="module")
+def mlflow_runs(project):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project.root}/mlflow.db")
+    experiment = client.get_experiment_by_name("kdpipe")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=100, order_by=["attributes.start_time ASC"])
+    return client, runs
+
+
+def test_mlflow_has_one_run_per_stage_execution(project, mlflow_runs):
+    _, runs = mlflow_runs
+    names = [run.info.run_name for run in runs]
+    assert names == ALL_STAGES + DOWNSTREAM_OF_KD
+    assert all(run.info.status == "FINISHED" for run in runs)
+
+
+def test_mlflow_tags(project, mlflow_runs):
+    _, runs = mlflow_runs
+    r = project.results
+    n = len(ALL_STAGES)
+    for i, run in enumerate(runs):
+        tags = run.data.tags
+        in_exp = i >= n
+        assert tags["stage"] == run.info.run_name.split("@")[0]
+        assert tags["dataset"] == "digits"
+        assert tags["kd_method"] == ("logit" if tags["stage"] == "distill" else "none")
+        assert tags["dvc_exp_name"] == (EXP_NAME if in_exp else "")
+        assert tags["git_revision"] == (r["rev_baseline"] if in_exp else r["rev_before_repro"])
+
+
+def test_mlflow_params_are_flattened(project, mlflow_runs):
+    _, runs = mlflow_runs
+    by_name = {}
+    for run in runs:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    first, exp = by_name["distill@logit"]
+    assert first.data.params["kd.temperature"] == "4.0"
+    assert exp.data.params["kd.temperature"] == "3.0"
+    assert exp.data.params["kd.alpha"] == "0.9"
+    assert exp.data.params["student.widths"] == "[32, 64, 128]"
+    assert exp.data.params["teacher.epochs"] == str(TEACHER_EPOCHS)
+    assert exp.data.params["data.name"] == "digits"
+
+
+def test_mlflow_per_epoch_and_final_metrics(project, mlflow_runs):
+    client, runs = mlflow_runs
+    root = project.root
+    by_name = {run.info.run_name: run for run in runs}  # the latest run of each stage
+    for stage, model, epochs in (("train_teacher", "teacher", TEACHER_EPOCHS),
+                                 ("train_student", "baseline", STUDENT_EPOCHS),
+                                 ("distill@logit", "distilled_logit", STUDENT_EPOCHS)):
+        run = by_name[stage]
+        history = (root / "plots" / "history" / f"{model}.csv").read_text().splitlines()
+        header = history[0].split(",")
+        rows = [dict(zip(header, line.split(","))) for line in history[1:]]
+        logged = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in logged] == list(range(1, epochs + 1))
+        assert [m.value for m in logged] == pytest.approx([float(row["val_acc"]) for row in rows])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, epochs + 1))
+        summary = json.loads((root / "metrics" / f"{model}.json").read_text())
+        assert run.data.metrics["best_val_accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    kd_terms = client.get_metric_history(by_name["distill@logit"].info.run_id, "train_kd")
+    assert len(kd_terms) == STUDENT_EPOCHS
+    evaluation = project.results["exp_evaluation"]
+    metrics = by_name["evaluate"].data.metrics
+    assert metrics["distilled_logit.test_accuracy"] == pytest.approx(evaluation["distilled_logit"]["test_accuracy"])
+    assert metrics["teacher.params"] == evaluation["teacher"]["params"]
