@@ -78,16 +78,20 @@ def train_batches(
     through pinned memory without blocking (augmentation then runs on the GPU).
     """
     device = torch.device(device) if device is not None else split.images.device
+    source = split.images.device
     order = epoch_order(seed, epoch, len(split))
+    order_at_source = order if source.type == "cpu" else order.to(source)  # one copy per epoch, not per batch
     views = make_views(seed, epoch, order, pad, flip) if pad > 0 or flip else None
-    on_device = split.images.device == device
+    if views is not None and device.type != "cpu":
+        views = views.to(device)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        src_idx = idx if split.images.device.type == "cpu" else idx.to(split.images.device)
+        src_idx = order_at_source[start : start + batch_size]
         raw, labels = split.images[src_idx], split.labels[src_idx]
-        if not on_device:
-            raw = raw.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else raw.to(device)
-            labels = labels.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else labels.to(device)
+        if source.type == "cpu" and device.type == "cuda":  # data did not fit on the GPU
+            raw, labels = raw.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
+        elif source.type != device.type:
+            raw, labels = raw.to(device), labels.to(device)
         if views is not None:
             raw = apply_views(raw, views[start : start + batch_size], pad)
         x = normalize(raw.contiguous(memory_format=memory_format))
