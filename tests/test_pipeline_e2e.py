@@ -23,7 +23,8 @@ from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.e2e
 
-ALL_STAGES = ["download", "prepare", "train_teacher", "train_student", "distill@logit", "evaluate", "report"]
+ALL_STAGES = ["download", "prepare", "train_teacher", "train_student", "teacher_targets", "distill@logit", "evaluate",
+              "report"]
 DOWNSTREAM_OF_KD = ["distill@logit", "evaluate", "report"]
 MODEL_KEYS = {"test_accuracy", "params", "size_mb", "latency_ms_b1", "throughput_ips"}
 STUDENT_KEYS = MODEL_KEYS | {"compression_ratio", "speedup", "accuracy_drop", "efficiency"}

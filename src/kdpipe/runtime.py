@@ -1,17 +1,33 @@
-"""Use the hardware: device, thread count, bf16/AMP autocast and memory format, decided once."""
+"""Use the hardware: device, thread count, bf16/AMP autocast and memory format, decided once.
+
+Measured on a 2-core AVX-512-BF16 CPU without AMX (README, "Performance"): bf16 autocast only
+pays off for models with much convolution work per image (ResNet-18 on 32×32 images), and
+slows small ones down (the ~95K-parameter student, anything on 8×8 digits). So on the CPU
+``runtime.bf16: auto`` is decided per model: bf16 when the CPU has native bf16 kernels *and*
+one forward pass costs at least :data:`BF16_MIN_GFLOPS` per image (:meth:`Runtime.for_model`).
+channels_last helped or was neutral for every model measured, so ``auto`` turns it on.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch import nn
 
 from kdpipe.config import RuntimeConfig
 from kdpipe.errors import KdpipeError
+
+# Forward GFLOPs per image from which CPU bf16 autocast is used under ``bf16: auto``.
+# ResNet-18 on 8×8 digits costs 0.07, the student on 32×32 images 0.02 (both slower in bf16);
+# ResNet-18 on 32×32 images costs 1.1 (faster in bf16).
+BF16_MIN_GFLOPS = 0.25
 
 
 def cpu_supports_bf16() -> bool:
@@ -29,6 +45,7 @@ class Runtime:
     amp_dtype: torch.dtype | None  # autocast dtype, or None for plain fp32
     channels_last: bool
     compile: bool
+    bf16_policy: str = "auto"  # runtime.bf16 as configured: "auto" is refined per model by for_model
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -39,6 +56,26 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def precision(self) -> contextlib.AbstractContextManager:
+        """Like :meth:`autocast`, but also *disables* an enclosing autocast when this runtime
+        runs in float32: a model's precision does not depend on who calls it."""
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def for_model(self, model: nn.Module, input_shape: Sequence[int]) -> "Runtime":
+        """This runtime with the autocast dtype decided for ``model`` on C×H×W inputs.
+
+        Only ``bf16: auto`` on the CPU depends on the model (see the module docstring); the
+        decision is a pure function of the architecture and the input size, so it is the same
+        on every run and in every stage (the teacher_targets stage and online distillation
+        run the teacher with the same precision).
+        """
+        if self.amp_dtype is None or self.device.type != "cpu" or self.bf16_policy != "auto":
+            return self
+        heavy = forward_gflops(model, input_shape) >= BF16_MIN_GFLOPS
+        return self if heavy else replace(self, amp_dtype=None)
+
     def describe(self) -> dict:
         return {
             "device": str(self.device),
@@ -47,6 +84,18 @@ class Runtime:
             "channels_last": self.channels_last,
             "compile": self.compile,
         }
+
+
+def forward_gflops(model: nn.Module, input_shape: Sequence[int]) -> float:
+    """GFLOPs of one forward pass of ``model`` on one C×H×W image (counted on the meta
+    device: no computation, no change to ``model``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).to("meta").eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        probe(torch.empty((1, *input_shape), device="meta"))
+    return counter.get_total_flops() / 1e9
 
 
 def setup_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
@@ -65,6 +114,7 @@ def setup_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
         amp_dtype = None if cfg.bf16 == "off" else amp
         channels_last = cfg.channels_last != "off"
     else:
+        # auto: bf16 is possible here; Runtime.for_model keeps it only for heavy models
         amp_dtype = torch.bfloat16 if cfg.bf16 == "on" or (cfg.bf16 == "auto" and cpu_supports_bf16()) else None
-        channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and amp_dtype is not None)
-    return Runtime(device, threads, amp_dtype, channels_last, cfg.compile)
+        channels_last = cfg.channels_last != "off"
+    return Runtime(device, threads, amp_dtype, channels_last, cfg.compile, cfg.bf16)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdpipe.config import AugmentConfig, TrainConfig
-from kdpipe.data.loader import Normalizer, train_batches
+from kdpipe.data.loader import Normalizer, augmentation, place_split, train_batches
 from kdpipe.data.prepare import PreparedData, Split
 from kdpipe.distill.base import BatchContext, Objective
 from kdpipe.inference import loss_and_accuracy, predict_logits
@@ -31,6 +31,7 @@ class TrainResult:
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
     seconds: float = 0.0
+    runtime: dict = field(default_factory=dict)  # the runtime the student was trained with
 
 
 def make_optimizer(params, recipe: TrainConfig) -> torch.optim.Optimizer:
@@ -48,7 +49,7 @@ def make_scheduler(opt: torch.optim.Optimizer, recipe: TrainConfig, steps_per_ep
     total = recipe.epochs * steps_per_epoch
     if recipe.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=recipe.lr, total_steps=total, pct_start=max(recipe.warmup_fraction, 1e-3),
+            opt, max_lr=recipe.lr, total_steps=total, pct_start=min(max(recipe.warmup_fraction, 1.01 / total), 0.99),
             anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0,
             cycle_momentum=recipe.optimizer == "sgd" and recipe.momentum > 0,
             base_momentum=min(0.85, recipe.momentum), max_momentum=recipe.momentum,
@@ -83,14 +84,16 @@ def fit(
 ) -> TrainResult:
     """Train ``objective.student`` in place; on return it holds the best-on-validation weights."""
     student = objective.student
+    runtime = runtime.for_model(student, (data.channels, data.image_size, data.image_size))
     objective.to(runtime.device, memory_format=runtime.memory_format)
     normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"], runtime.device)
-    train, val = to_device(data.train, runtime.device), to_device(data.val, runtime.device)
-    flip = augment.flip and bool(data.meta["flip"])
+    train, val = place_split(data.train, runtime.device), to_device(data.val, runtime.device)
+    pad, flip = augmentation(augment, data.meta)
     steps = math.ceil(len(train) / recipe.batch_size)
     opt = make_optimizer(objective.trainable_parameters(), recipe)
     sched = make_scheduler(opt, recipe, steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    # compile time is not hidden: it is part of the first epoch's epoch_seconds and of seconds
     step_fn = torch.compile(objective.forward_train) if runtime.compile else objective.forward_train
 
     result, best_state, start = TrainResult(), None, time.perf_counter()
@@ -99,8 +102,8 @@ def fit(
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=runtime.device)
         epoch_start = time.perf_counter()
-        batches = train_batches(train, recipe.batch_size, seed, epoch, augment.crop_padding, flip, normalize,
-                                runtime.memory_format)
+        batches = train_batches(train, recipe.batch_size, seed, epoch, pad, flip, normalize,
+                                runtime.memory_format, runtime.device)
         for batch in tqdm(batches, total=steps, desc=f"{desc} epoch {epoch + 1}/{recipe.epochs}", leave=False,
                           disable=None, file=sys.stderr):
             with runtime.autocast():
@@ -116,6 +119,8 @@ def fit(
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * n
             correct += (logits.detach().argmax(1) == batch.labels).sum()
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)  # time the work, not its queueing
         train_seconds = time.perf_counter() - epoch_start
         val_logits = predict_logits(student, val, normalize, 512, runtime.autocast(), runtime.memory_format)
         val_loss, val_acc = loss_and_accuracy(val_logits, val.labels)
@@ -143,4 +148,5 @@ def fit(
     if best_state is not None:
         student.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
+    result.runtime = runtime.describe()
     return result

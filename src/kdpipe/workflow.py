@@ -12,11 +12,12 @@ from kdpipe import models, paths
 from kdpipe.config import Params, TrainConfig
 from kdpipe.data.loader import Normalizer
 from kdpipe.data.prepare import PreparedData, load_prepared
-from kdpipe.distill import CrossEntropyObjective, Objective, OnlineTeacher, get_method
+from kdpipe.distill import CrossEntropyObjective, Objective, get_method
 from kdpipe.errors import KdpipeError
 from kdpipe.io import write_csv, write_json
 from kdpipe.models.mobilenet import DEFAULT_INPUT_SIZE, load_pretrained
 from kdpipe.runtime import Runtime, setup_runtime
+from kdpipe.teacher_targets import teacher_targets_for
 from kdpipe.tracking import stage_run
 from kdpipe.train import fit
 
@@ -66,7 +67,7 @@ def train_and_save(
             "epochs": recipe.epochs,
             "train_seconds": round(result.seconds, 2),
             "params": models.count_params(student),
-            "runtime": runtime.describe(),
+            "runtime": result.runtime or runtime.describe(),
         }
         write_json(paths.train_metrics_path(name), summary)
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -110,8 +111,9 @@ def distill(params: Params, method: str) -> dict[str, Any]:
     student = build_model(params.student.arch, arch_params, data)
     teacher, _ = models.load(paths.model_path(paths.TEACHER))
     factory = get_method(method)
+    targets = teacher_targets_for(params, teacher, data, runtime)  # kd.teacher_targets: cached | online
     objective = factory(
-        student=student, teacher=teacher, targets=OnlineTeacher(teacher), kd=params.kd,
+        student=student, teacher=teacher, targets=targets, kd=params.kd,
         temperature=params.kd.temperature, alpha=params.kd.alpha, label_smoothing=params.student.label_smoothing,
         input_shape=(data.channels, data.image_size, data.image_size), meta=data.meta,
     )

@@ -12,6 +12,17 @@ from kdpipe.data.prepare import Split
 from kdpipe.data.views import apply_views, make_views
 
 
+def place_split(split: Split, device: torch.device, max_share: float = 0.25) -> Split:
+    """The whole split on ``device`` when it fits (on a GPU: at most ``max_share`` of the free
+    memory), else in pinned CPU memory, from which batches are copied without blocking."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if split.images.numel() * split.images.element_size() > max_share * free:
+            return Split(split.images.cpu().pin_memory(), split.labels.cpu().pin_memory())
+    return Split(split.images.to(device), split.labels.to(device))
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The shuffled order of one epoch: a function of (seed, epoch) only."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
@@ -37,9 +48,14 @@ class Normalizer:
 
 @dataclass
 class Batch:
-    indices: torch.Tensor  # positions in the split, for reproducing views
+    indices: torch.Tensor  # positions in the split (CPU int64), for reproducing views
     images: torch.Tensor  # normalised float N×C×H×W
     labels: torch.Tensor
+
+
+def augmentation(augment, meta: dict) -> tuple[int, bool]:
+    """(crop padding, flip) actually applied: a flip only where it keeps the label."""
+    return int(augment.crop_padding), bool(augment.flip and meta["flip"])
 
 
 def train_batches(
@@ -51,17 +67,35 @@ def train_batches(
     flip: bool,
     normalize: Normalizer,
     memory_format: torch.memory_format = torch.contiguous_format,
+    device: torch.device | str | None = None,
 ) -> Iterator[Batch]:
-    """Shuffled, augmented batches of one epoch; deterministic in (seed, epoch)."""
+    """Shuffled, augmented batches of one epoch; deterministic in (seed, epoch).
+
+    Every view of the epoch is drawn up front in one vectorised hash (views depend only on
+    (seed, epoch, index), so this equals drawing them batch by batch). Images stay uint8
+    until the last step: the gather, crop and flip move a quarter of the bytes float would.
+    When ``split`` lives on the CPU and ``device`` is a GPU, each uint8 batch is copied
+    through pinned memory without blocking (augmentation then runs on the GPU).
+    """
+    device = torch.device(device) if device is not None else split.images.device
+    source = split.images.device
     order = epoch_order(seed, epoch, len(split))
+    order_at_source = order if source.type == "cpu" else order.to(source)  # one copy per epoch, not per batch
+    views = make_views(seed, epoch, order, pad, flip) if pad > 0 or flip else None
+    if views is not None and device.type != "cpu":
+        views = views.to(device)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        dev_idx = idx.to(split.images.device)
-        raw = split.images[dev_idx]
-        if pad > 0 or flip:
-            raw = apply_views(raw, make_views(seed, epoch, idx, pad, flip), pad)
-        x = normalize(raw).contiguous(memory_format=memory_format)
-        yield Batch(idx, x, split.labels[dev_idx])
+        src_idx = order_at_source[start : start + batch_size]
+        raw, labels = split.images[src_idx], split.labels[src_idx]
+        if source.type == "cpu" and device.type == "cuda":  # data did not fit on the GPU
+            raw, labels = raw.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
+        elif source.type != device.type:
+            raw, labels = raw.to(device), labels.to(device)
+        if views is not None:
+            raw = apply_views(raw, views[start : start + batch_size], pad)
+        x = normalize(raw.contiguous(memory_format=memory_format))
+        yield Batch(idx, x, labels)
 
 
 def eval_batches(

@@ -42,6 +42,12 @@ class Views:
     dx: torch.Tensor
     flip: torch.Tensor
 
+    def __getitem__(self, rows: slice) -> "Views":
+        return Views(self.dy[rows], self.dx[rows], self.flip[rows])
+
+    def to(self, device: torch.device | str) -> "Views":
+        return Views(self.dy.to(device), self.dx.to(device), self.flip.to(device))
+
 
 def make_views(seed: int, epoch: int, indices: torch.Tensor, pad: int, flip: bool) -> Views:
     h = view_hash(seed, epoch, indices.cpu())

@@ -1,0 +1,233 @@
+"""teacher_targets: the teacher's logits on exactly the views distillation will train on.
+
+Every augmented view is a pure function of (seed, epoch, index) and every epoch's batches a
+pure function of (seed, epoch, batch size) (:mod:`kdpipe.data.views`,
+:func:`kdpipe.data.loader.train_batches`). This stage draws the very batches that
+distillation will draw, for all ``student.epochs``, runs the teacher on each through the
+same :class:`~kdpipe.distill.targets.OnlineTeacher` code, in the same precision and memory
+format, and stores the logits. Distillation with ``kd.teacher_targets: cached`` then reads
+them (:class:`~kdpipe.distill.targets.CachedTeacher`) instead of running the teacher, so a
+``kd.temperature`` × ``kd.alpha`` sweep pays for the teacher once.
+
+On-disk format, ``data/teacher_targets/`` (a DVC-cached directory):
+
+- ``logits.npy``: float32, shape ``student.epochs × train images × classes``; row
+  ``[e, i]`` is the teacher's output on training image ``i`` as seen in epoch ``e``
+  (indexed by image, not by batch position, so a lookup is one gather).
+- ``meta.json``: what the logits were computed for (seed, epochs, batch size, views,
+  hashes of the teacher file and the training split, the teacher's precision). Distillation
+  refuses a cache whose fingerprint differs from its own run.
+
+float32, not float16: the cache then holds exactly the numbers the online teacher produces
+(a bf16 teacher's logits are stored exactly, since every bf16 value is a float32 value), so
+the distilled student is bit-identical in both modes. float16 would round logits of
+magnitude ~10 by up to ~5e-3. The cost is small: 4 bytes × classes per image and epoch,
+e.g. 30 epochs of 50,000 CIFAR-10 images = 60 MB, against 150 MB of uint8 images.
+
+With ``kd.teacher_targets: online`` the stage stores only ``meta.json`` saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kdpipe import models, paths
+from kdpipe.config import AugmentConfig, Params
+from kdpipe.data.loader import Normalizer, augmentation, place_split, train_batches
+from kdpipe.data.prepare import PreparedData, load_prepared
+from kdpipe.distill.base import BatchContext
+from kdpipe.distill.targets import CachedTeacher, OnlineTeacher
+from kdpipe.errors import KdpipeError
+from kdpipe.io import read_json
+from kdpipe.runtime import Runtime, setup_runtime
+
+FORMAT = "kdpipe-teacher-targets/1"
+LOGITS_FILE = "logits.npy"
+META_FILE = "meta.json"
+# fingerprint keys that must match between the cache and the distillation run using it
+_MUST_MATCH = ("seed", "epochs", "batch_size", "crop_padding", "flip", "train_images", "num_classes",
+               "train_sha256", "teacher_sha256", "teacher_precision", "channels_last", "device")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_precision(teacher: nn.Module, runtime: Runtime, data: PreparedData) -> str:
+    rt = runtime.for_model(teacher, (data.channels, data.image_size, data.image_size))
+    return str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype is not None else "float32"
+
+
+def fingerprint(data: PreparedData, epochs: int, batch_size: int, augment: AugmentConfig, seed: int,
+                teacher: nn.Module, teacher_sha256: str, runtime: Runtime) -> dict[str, Any]:
+    """Everything that decides the cached logits (what the views are, who looks at them, how)."""
+    pad, flip = augmentation(augment, data.meta)
+    return {
+        "seed": seed,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "crop_padding": pad,
+        "flip": flip,
+        "train_images": len(data.train),
+        "num_classes": data.num_classes,
+        "train_sha256": tensor_sha256(data.train.images, data.train.labels),
+        "teacher_sha256": teacher_sha256,
+        "teacher_precision": teacher_precision(teacher, runtime, data),
+        "channels_last": runtime.channels_last,
+        "device": runtime.device.type,
+        "threads": runtime.threads,
+    }
+
+
+@torch.no_grad()
+def compute_teacher_logits(teacher: nn.Module, data: PreparedData, epochs: int, batch_size: int,
+                           augment: AugmentConfig, runtime: Runtime, seed: int,
+                           out: np.ndarray | None = None) -> np.ndarray:
+    """The teacher's float32 logits on every view distillation will draw: epochs × N × classes.
+
+    The batches are the ones :func:`kdpipe.train.fit` draws for a student trained with
+    ``batch_size`` for ``epochs`` (same loader call, same order, views, normalisation and
+    memory format), and the teacher runs through :class:`OnlineTeacher` exactly as in
+    online distillation, so every row is bit-identical to the online teacher's output.
+    """
+    online = OnlineTeacher(teacher, runtime).to(runtime.device, memory_format=runtime.memory_format)
+    normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"], runtime.device)
+    train = place_split(data.train, runtime.device)
+    pad, flip = augmentation(augment, data.meta)
+    shape = (epochs, len(data.train), data.num_classes)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    assert out.shape == shape and out.dtype == np.float32
+    for epoch in tqdm(range(epochs), desc="teacher targets", leave=False, disable=None):
+        for batch in train_batches(train, batch_size, seed, epoch, pad, flip, normalize, runtime.memory_format,
+                                   runtime.device):
+            logits = online(batch.images, BatchContext(batch.indices, epoch))
+            out[epoch, batch.indices.numpy()] = logits.float().cpu().numpy()
+    return out
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` onto ``target`` (the old one is removed only then)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | None = None,
+                          teacher_sha256: str = "", data: PreparedData | None = None, epochs: int = 0,
+                          batch_size: int = 0, augment: AugmentConfig | None = None, runtime: Runtime | None = None,
+                          seed: int = 0) -> dict[str, Any]:
+    """Write ``out_dir`` atomically (a finished directory or none); returns its meta."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        if mode == "online":
+            meta: dict[str, Any] = {"format": FORMAT, "mode": "online",
+                                    "note": "kd.teacher_targets=online: distillation runs the teacher itself"}
+        else:
+            assert teacher is not None and data is not None and augment is not None and runtime is not None
+            start = time.perf_counter()
+            logits = np.lib.format.open_memmap(tmp / LOGITS_FILE, mode="w+", dtype=np.float32,
+                                               shape=(epochs, len(data.train), data.num_classes))
+            compute_teacher_logits(teacher, data, epochs, batch_size, augment, runtime, seed, out=logits)
+            logits.flush()
+            del logits
+            meta = {"format": FORMAT, "mode": "cached", "dtype": "float32",
+                    "shape": [epochs, len(data.train), data.num_classes],
+                    **fingerprint(data, epochs, batch_size, augment, seed, teacher, teacher_sha256, runtime),
+                    "seconds": round(time.perf_counter() - start, 2)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any]) -> CachedTeacher:
+    """The cache in ``out_dir`` as a :class:`CachedTeacher`, after checking it was computed
+    for exactly this run (``expected``: :func:`fingerprint` of the distillation run)."""
+    out_dir = Path(out_dir)
+    meta_path = out_dir / META_FILE
+    if not meta_path.exists():
+        raise KdpipeError(f"{meta_path} not found; run the teacher_targets stage first (dvc repro teacher_targets).")
+    meta = read_json(meta_path)
+    if meta.get("format") != FORMAT:
+        raise KdpipeError(f"{out_dir} is not a {FORMAT} directory; re-run the teacher_targets stage.")
+    if meta.get("mode") != "cached":
+        raise KdpipeError(
+            f"{out_dir} holds no logits (it was made with kd.teacher_targets={meta.get('mode')}); "
+            "run `dvc repro` so the teacher_targets stage computes them, or use kd.teacher_targets=online."
+        )
+    diffs = [f"{k}: cache {meta.get(k)!r} vs run {expected.get(k)!r}" for k in _MUST_MATCH if meta.get(k) != expected.get(k)]
+    if diffs:
+        raise KdpipeError(
+            f"the cached teacher targets in {out_dir} were computed for another run ({'; '.join(diffs)}); "
+            "re-run the teacher_targets stage (dvc repro) or use kd.teacher_targets=online."
+        )
+    logits = np.load(out_dir / LOGITS_FILE, mmap_mode="r")
+    if list(logits.shape) != list(meta["shape"]) or logits.dtype != np.float32:
+        raise KdpipeError(f"{out_dir / LOGITS_FILE} does not match its meta.json; re-run the teacher_targets stage.")
+    return CachedTeacher(logits)
+
+
+def teacher_targets_for(params: Params, teacher: nn.Module, data: PreparedData, runtime: Runtime):
+    """The teacher-logits source ``kd.teacher_targets`` selects for distillation."""
+    if params.kd.teacher_targets == "online":
+        return OnlineTeacher(teacher, runtime)
+    expected = fingerprint(data, params.student.epochs, params.student.batch_size, params.data.augment,
+                           params.seed, teacher, file_sha256(paths.model_path(paths.TEACHER)), runtime)
+    return load_cached_teacher(paths.TEACHER_TARGETS_DIR, expected)
+
+
+def build_teacher_targets(params: Params) -> dict[str, Any]:
+    """The teacher_targets stage: write data/teacher_targets/ for the configured student run."""
+    from kdpipe.tracking import stage_run
+
+    if params.kd.teacher_targets == "online":
+        meta = write_teacher_targets(paths.TEACHER_TARGETS_DIR, "online")
+        print("kd.teacher_targets=online: no teacher targets stored; distillation runs the teacher")
+        return meta
+    runtime = setup_runtime(params.runtime, params.seed)
+    data = load_prepared(paths.PREPARED_DIR)
+    teacher_path = paths.model_path(paths.TEACHER)
+    teacher, _ = models.load(teacher_path)
+    with stage_run("teacher_targets", params) as run:
+        meta = write_teacher_targets(
+            paths.TEACHER_TARGETS_DIR, "cached", teacher=teacher, teacher_sha256=file_sha256(teacher_path),
+            data=data, epochs=params.student.epochs, batch_size=params.student.batch_size,
+            augment=params.data.augment, runtime=runtime, seed=params.seed,
+        )
+        run.log_metrics({"teacher_targets_seconds": meta["seconds"],
+                         "teacher_targets_mb": (paths.TEACHER_TARGETS_DIR / LOGITS_FILE).stat().st_size / 2**20})
+    print(f"teacher targets: {meta['epochs']} epochs × {meta['train_images']} views "
+          f"({meta['teacher_precision']}) in {meta['seconds']:.1f}s → {paths.TEACHER_TARGETS_DIR}")
+    return meta
