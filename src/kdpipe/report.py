@@ -163,7 +163,7 @@ def write_report(
 
     rel = figures_dir.relative_to(out_path.parent)
     teacher = evaluation.get("teacher", {})
-    students = {n: m for n, m in evaluation.items() if n != "teacher"}
+    students = {n: m for n, m in evaluation.items() if n.startswith("distilled_")}
     best = max(students, key=lambda n: students[n]["test_accuracy"]) if students else None
     lines = [
         "# kdpipe report",
@@ -186,7 +186,7 @@ def write_report(
     if best is not None and "baseline" in evaluation:
         gain = evaluation[best]["test_accuracy"] - evaluation["baseline"]["test_accuracy"]
         lines += [
-            f"Best student: **{best}** at {evaluation[best]['test_accuracy']:.2f}% "
+            f"Best distilled student: **{best}** at {evaluation[best]['test_accuracy']:.2f}% "
             f"({gain:+.2f} points against the baseline, {-evaluation[best].get('accuracy_drop', 0):+.2f} against the "
             f"teacher) with {evaluation[best].get('compression_ratio', 0):.1f}× fewer bytes.",
             "",
