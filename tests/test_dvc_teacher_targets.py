@@ -47,7 +47,7 @@ def _changed(root: Path, env: dict) -> set[str]:
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("kdpipe_tt")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("src", "stages"):
+    for name in ("src", "stages", "teachers"):
         shutil.copytree(PROJECT_ROOT / name, root / name, ignore=ignore)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy2(PROJECT_ROOT / name, root / name)
@@ -61,7 +61,7 @@ def project(tmp_path_factory):
     env.pop("DVC_EXP_NAME", None)
     _set(root / "params.yaml", teacher__epochs=1, teacher__batch_size=256, student__epochs=2, student__batch_size=256,
          evaluate__batch_size=64, evaluate__latency_warmup=1, evaluate__latency_runs=2, mlflow__log_models=False, runtime__threads=1,
-         kd__teacher_targets="cached")
+         kd__teacher_targets="cached", kd__methods=["logit"])
     _run(root, env, "git", "init", "-q")
     _run(root, env, "dvc", "init", "-q")
     shutil.copy2(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")
