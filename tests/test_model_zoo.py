@@ -21,6 +21,7 @@ SHAPES = [(1, 8), (3, 32), (3, 100)]
 ARCHS = {
     "resnet18": {},
     "vea_resnet18": {},
+    "resnet18_w16": {"width": 16},  # the CPU-sized teacher (teacher.width)
     "mobilenet_v2": {"input_size": 32},  # small input size: the test stays fast
     "student_cnn": {"widths": [16, 32, 64]},
 }
@@ -29,7 +30,7 @@ ARCHS = {
 @pytest.mark.parametrize("channels,size", SHAPES)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_builds_with_feature_taps(arch, channels, size):
-    model = models.build(arch, channels, 10, size, **ARCHS[arch]).eval()
+    model = models.build(arch.removesuffix("_w16"), channels, 10, size, **ARCHS[arch]).eval()
     x = torch.randn(2, channels, size, size)
     with torch.no_grad(), FeatureTap(model, model.feature_names) as tap:
         logits = model(x)
@@ -69,6 +70,35 @@ def test_vea_resnet18_attends_after_each_stage():
     a = model.layer1.attention.attention_map(raw)
     assert a.shape == (2, 1, 32, 32) and (a > 0).all() and (a < 1).all()
     assert torch.allclose(attended, raw * a)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vea_resnet18"])
+def test_resnet_width_scales_every_stage_and_keeps_torchvision_names(arch):
+    from torchvision.models import resnet18 as tv_resnet18
+
+    standard = models.build(arch, 3, 10, 32)
+    narrow = models.build(arch, 3, 10, 32, width=16)
+    assert probe_channels(narrow, narrow.feature_names, (3, 32, 32)) == [16, 32, 64, 128]
+    assert probe_channels(standard, standard.feature_names, (3, 32, 32)) == [64, 128, 256, 512]
+    # convs scale with width², so a quarter of the width is about a sixteenth of the weights
+    assert 12 < models.count_params(standard) / models.count_params(narrow) < 17
+    if arch == "resnet18":  # same module names and shapes as torchvision's ResNet-18 (stem aside)
+        ours = {k: v.shape for k, v in standard.state_dict().items()}
+        theirs = {k: v.shape for k, v in tv_resnet18(num_classes=10).state_dict().items()}
+        assert ours.keys() == theirs.keys()
+        assert all(ours[k] == theirs[k] for k in ours if k != "conv1.weight")
+        assert models.count_params(standard) == 11_173_962
+
+
+def test_saved_narrow_teacher_rebuilds_with_its_width(tmp_path):
+    model = models.build("resnet18", 1, 10, 8, width=8).eval()
+    meta = {"class_names": [str(i) for i in range(10)], "channels": 1, "image_size": 8, "mean": [0.5], "std": [0.2]}
+    models.save(tmp_path / "t.pt", model, "resnet18", {"width": 8}, meta)
+    again, info = models.load(tmp_path / "t.pt")
+    assert info["arch_params"] == {"width": 8} and again.fc.in_features == 64
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
 
 
 def _torchvision_state_dict(path):
@@ -154,6 +184,8 @@ def test_saved_mobilenet_teacher_rebuilds_offline(tmp_path):
     ({"teacher": {"arch": "mobilenet_v2", "freeze_backbone": True}}, "teacher.freeze_backbone"),
     ({"teacher": {"arch": "mobilenet_v2", "input_size": 16}}, "teacher.input_size"),
     ({"student": {"convs_per_block": 0}}, "student.convs_per_block"),
+    ({"teacher": {"arch": "resnet18", "width": 4}}, "teacher.width"),
+    ({"teacher": {"arch": "mobilenet_v2", "width": 32}}, "teacher.width"),
     ({"kd": {"teachers": ["models/teacher.pt"]}}, "kd.teachers"),
     ({"kd": {"methods": ["multi_teacher"]}}, "kd.teachers"),
 ])
@@ -171,3 +203,4 @@ def test_new_params_accept_good_values():
         "kd": {"methods": ["multi_teacher", "dkd"], "teachers": ["teachers/ensemble/vea.pt"]},
     })
     assert params.teacher.input_size == 96 and params.kd.teachers == ["teachers/ensemble/vea.pt"]
+    assert parse_params({"teacher": {"arch": "vea_resnet18", "width": 16}}).teacher.width == 16

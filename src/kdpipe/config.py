@@ -22,6 +22,7 @@ from kdpipe.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "intel", "cats_vs_dogs")
 TEACHER_ARCHS = ("resnet18", "vea_resnet18", "mobilenet_v2")
+RESNET_TEACHERS = ("resnet18", "vea_resnet18")  # the ones with teacher.width
 STUDENT_ARCHS = ("student_cnn",)
 KD_METHODS = ("logit", "attention", "combined", "fitnets", "dkd", "multi_teacher")
 
@@ -162,6 +163,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TeacherConfig(TrainConfig):
     arch: str = "resnet18"
+    width: int = 64  # resnet18, vea_resnet18: channels of the first stage (64: the standard ResNet-18)
     pretrained: Optional[Literal["imagenet"]] = None
     freeze_backbone: bool = False
     weights_path: Optional[str] = None
@@ -171,6 +173,10 @@ class TeacherConfig(TrainConfig):
         super().check(key)
         if self.arch not in TEACHER_ARCHS:
             _fail(f"{key}.arch", self.arch, "one of " + ", ".join(TEACHER_ARCHS))
+        if self.arch in RESNET_TEACHERS and not 8 <= self.width <= 256:
+            _fail(f"{key}.width", self.width, "an integer between 8 and 256 (64: the standard ResNet-18)")
+        if self.arch not in RESNET_TEACHERS and self.width != 64:
+            _fail(f"{key}.width", self.width, f"64 with {key}.arch={self.arch} (only the ResNet-18 teachers use it)")
         if self.arch != "mobilenet_v2":
             for name in ("pretrained", "weights_path", "input_size"):
                 if getattr(self, name) is not None:

@@ -24,7 +24,7 @@ from kdpipe.train import fit
 
 def teacher_arch_params(params: Params, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     if params.teacher.arch != "mobilenet_v2":
-        return {}
+        return {"width": params.teacher.width}
     # the data set's statistics let the model map its inputs to what ImageNet weights expect
     return {"input_size": params.teacher.input_size or DEFAULT_INPUT_SIZE,
             "freeze_backbone": params.teacher.freeze_backbone,

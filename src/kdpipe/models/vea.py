@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdpipe.models.registry import register
-from kdpipe.models.resnet import SmallImageResNet18
+from kdpipe.models.resnet import STANDARD_WIDTH, SmallImageResNet18
 
 
 class SpatialAttention(nn.Module):
@@ -55,12 +55,12 @@ class AttendedStage(nn.Module):
 class VeaResNet18(SmallImageResNet18):
     feature_names = ("layer1", "layer2", "layer3", "layer4")
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
-        super().__init__(in_channels, num_classes)
-        for name, channels in zip(self.feature_names, (64, 128, 256, 512)):
+    def __init__(self, in_channels: int, num_classes: int, width: int = STANDARD_WIDTH) -> None:
+        super().__init__(in_channels, num_classes, width)
+        for name, channels in zip(self.feature_names, self.stage_channels):
             setattr(self, name, AttendedStage(getattr(self, name), channels))
 
 
 @register("vea_resnet18")
-def vea_resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return VeaResNet18(in_channels, num_classes)
+def vea_resnet18(in_channels: int, num_classes: int, image_size: int, width: int = STANDARD_WIDTH) -> nn.Module:
+    return VeaResNet18(in_channels, num_classes, width)
