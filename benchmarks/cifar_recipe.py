@@ -66,14 +66,17 @@ def test_accuracy(model, data: PreparedData) -> float:
     return round(float((logits.argmax(1) == data.test.labels).float().mean()) * 100, 2)
 
 
-def common_recipe(arch: str, data: PreparedData, epochs: int, seed: int, teacher=None, T=4.0, alpha=0.9) -> dict:
+def common_recipe(arch: str, data: PreparedData, epochs: int, seed: int, teacher=None, T=4.0, alpha=0.9,
+                  seconds: float | None = None, width: int = 64) -> dict:
     """Per-image PIL augmentation in a DataLoader, Adam 1e-3, StepLR(5, 0.5), fp32 NCHW;
-    reports the last epoch's test accuracy and the best one (common repos report the best)."""
+    reports the last epoch's test accuracy and the best one (common repos report the best).
+    With ``seconds``, training stops after the first epoch that brings the training time to
+    that budget (a same-CPU-time comparison), or after ``epochs``, whichever comes first."""
     import torchvision.transforms as T_
     from torch.utils.data import DataLoader
 
     torch.manual_seed(seed)
-    model = models.build(arch, 3, 10, 32, **(STUDENT if arch == "student_cnn" else {}))
+    model = models.build(arch, 3, 10, 32, **(STUDENT if arch == "student_cnn" else {"width": width}))
     tf = T_.Compose([T_.RandomCrop(32, padding=4), T_.RandomHorizontalFlip(), T_.ToTensor(),
                      T_.Normalize(data.meta["mean"], data.meta["std"])])
     loader = DataLoader(PILDataset(data.train.images, data.train.labels, tf), batch_size=128, shuffle=True,
@@ -100,7 +103,9 @@ def common_recipe(arch: str, data: PreparedData, epochs: int, seed: int, teacher
         accs.append(test_accuracy(model, data))
         model.to(memory_format=torch.contiguous_format)
         print(f"common epoch {len(accs)}: test {accs[-1]:.2f}% ({epoch_seconds[-1]:.1f}s)", file=sys.stderr, flush=True)
-    return {"test_accuracy": accs[-1], "best_test_accuracy": max(accs),
+        if seconds is not None and sum(epoch_seconds) >= seconds:
+            break
+    return {"test_accuracy": accs[-1], "best_test_accuracy": max(accs), "epochs_run": len(accs),
             "train_seconds": round(sum(epoch_seconds), 1), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -109,6 +114,9 @@ def main() -> None:
     p.add_argument("--model", choices=["teacher", "student", "distill"], required=True)
     p.add_argument("--recipe", choices=["kdpipe", "common"], default="kdpipe")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seconds", type=float, default=None,
+                   help="common recipe: stop once training has taken this many seconds (same-CPU-time runs)")
+    p.add_argument("--width", type=int, default=64, help="teacher: ResNet-18 first-stage width (teacher.width)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", default="sgd")
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 teacher, 0.05 student")
@@ -136,7 +144,8 @@ def main() -> None:
         arch = "resnet18" if args.model == "teacher" else "student_cnn"
         if teacher is not None:
             teacher = teacher.eval()
-        out = common_recipe(arch, data, args.epochs, args.seed, teacher, args.temperature, args.alpha)
+        out = common_recipe(arch, data, args.epochs, args.seed, teacher, args.temperature, args.alpha, args.seconds,
+                            args.width)
     else:
         arch = "resnet18" if args.model == "teacher" else "student_cnn"
         lr = args.lr if args.lr is not None else (0.1 if arch == "resnet18" else 0.05)
@@ -146,7 +155,7 @@ def main() -> None:
                              warmup_fraction=args.warmup)
         augment = AugmentConfig(crop_padding=args.crop_padding, flip=True)
         torch.manual_seed(args.seed)
-        arch_params = {} if arch == "resnet18" else {**STUDENT, "dropout": args.dropout}
+        arch_params = {"width": args.width} if arch == "resnet18" else {**STUDENT, "dropout": args.dropout}
         model = models.build(arch, 3, 10, 32, **arch_params)
         start = time.perf_counter()
         pass_seconds = 0.0

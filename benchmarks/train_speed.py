@@ -177,9 +177,12 @@ def reference_loop(model, loader, times: list[float], teacher=None):
     return loop
 
 
+TEACHER_WIDTH = 64
+
+
 def build(arch: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return models.build(arch, 3, 10, 32, **(STUDENT if arch == "student_cnn" else {}))
+    return models.build(arch, 3, 10, 32, **(STUDENT if arch == "student_cnn" else {"width": TEACHER_WIDTH}))
 
 
 def report(name: str, times: list[float]) -> float:
@@ -192,7 +195,7 @@ EPOCHS = 3
 
 
 def main() -> None:
-    global EPOCHS
+    global EPOCHS, TEACHER_WIDTH
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per loop (≥2; the first is warm-up)")
     parser.add_argument("--images", type=int, default=4068, help="training images (≥4000 for the reported figures)")
@@ -202,8 +205,10 @@ def main() -> None:
     parser.add_argument("--only", default="student,teacher,distill",
                         help="comma-separated subset of student,teacher,distill")
     parser.add_argument("--compile", action="store_true", help="also time kdpipe's student with runtime.compile")
+    parser.add_argument("--teacher-width", type=int, default=64,
+                        help="the teacher ResNet-18's first-stage width (teacher.width; 64: the standard one)")
     args = parser.parse_args()
-    EPOCHS = max(2, args.epochs)
+    EPOCHS, TEACHER_WIDTH = max(2, args.epochs), args.teacher_width
     seed = 0
     runtime = setup_runtime(RuntimeConfig(threads=args.threads), seed)
     cifar = load_cifar(args.archive, n_train=args.images, n_test=512)
@@ -248,7 +253,7 @@ def main() -> None:
         print(f"  compile overhead (first epoch, compiled - eager): {first:.1f} s", flush=True)
         results["compile_student_speedup"] = results["kdpipe_student_eager"] / results["kdpipe_student_compiled"]
     if "teacher" in only:
-        compare("teacher (ResNet-18, CE)", {
+        compare(f"teacher (ResNet-18, width {TEACHER_WIDTH}, CE)", {
             "reference_teacher": lambda t: reference_loop(build("resnet18", 2), loader, t),
             "kdpipe_teacher": lambda t: kdpipe_loop(CrossEntropyObjective(build("resnet18", 2)), data, recipe,
                                                     runtime, t, seed),
@@ -282,6 +287,7 @@ def main() -> None:
     if "compile_student_speedup" in results:
         summary["compile_student_speedup"] = round(results["compile_student_speedup"], 3)
     summary.update(images=len(labels), epochs=EPOCHS, batch_size=args.batch_size, threads=runtime.threads,
+                   teacher_width=TEACHER_WIDTH,
                    data=Path(cifar.source).name)
     print(json.dumps(summary))
 

@@ -10,7 +10,7 @@ import torch
 
 from kdpipe import models
 from kdpipe.config import parse_params
-from kdpipe.tracking import default_tracking_uri, git_revision, stage_run
+from kdpipe.tracking import default_tracking_uri, git_revision, redact, stage_run
 
 
 @pytest.fixture
@@ -45,6 +45,17 @@ def test_default_tracking_uri(tmp_path, monkeypatch):
     assert default_tracking_uri() == "http://127.0.0.1:5000"
 
 
+@pytest.mark.parametrize("value,logged", [
+    ("https://user:pa:ss@host.example/x.tar.gz", "https://***@host.example/x.tar.gz"),
+    ("ftp://token@host/x", "ftp://***@host/x"),
+    ("https://host.example/a@b.tar.gz", "https://host.example/a@b.tar.gz"),  # an @ in the path is no credential
+    ("file:///data/c.tar.gz", "file:///data/c.tar.gz"),
+    (0.5, "0.5"),
+])
+def test_redact_hides_url_credentials_only(value, logged):
+    assert redact(value) == logged
+
+
 def test_git_revision(tmp_repo, tmp_path_factory):
     root, head = tmp_repo
     assert git_revision(root) == head
@@ -55,7 +66,8 @@ def test_stage_run_logs_tags_params_stepped_metrics_and_a_batchable_model(tmp_re
     from mlflow.tracking import MlflowClient
 
     root, head = tmp_repo
-    params = parse_params({"kd": {"temperature": 3, "alpha": 0.5}, "mlflow": {"experiment": "unit"}})
+    params = parse_params({"kd": {"temperature": 3, "alpha": 0.5}, "mlflow": {"experiment": "unit"},
+                           "data": {"cifar10": {"url": "https://alice:s3cret@mirror.example/c.tar.gz"}}})
     model = models.build("student_cnn", 1, 3, 8, widths=[4, 8], dropout=0.0).eval()
     with stage_run("distill", params, method="logit") as run:
         assert run.enabled
@@ -74,6 +86,8 @@ def test_stage_run_logs_tags_params_stepped_metrics_and_a_batchable_model(tmp_re
     assert logged.data.params["kd.temperature"] == "3.0"
     assert logged.data.params["kd.alpha"] == "0.5"
     assert logged.data.params["student.widths"] == "[32, 64, 128]"
+    assert logged.data.params["data.cifar10.url"] == "https://***@mirror.example/c.tar.gz"
+    assert "s3cret" not in str(logged.data.params) and "alice" not in str(logged.data.params)
     history = client.get_metric_history(logged.info.run_id, "val_acc")
     assert [(m.step, m.value) for m in history] == [(1, 10.0), (2, 20.0), (3, 30.0)]
     assert "note" not in logged.data.metrics

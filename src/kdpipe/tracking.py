@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -13,6 +14,13 @@ from typing import Any
 from kdpipe.config import Params, flatten
 
 PROJECT_ROOT_ENV = "KDPIPE_ROOT"
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(value: Any) -> str:
+    """A param value as logged: a URL's ``user:password@`` part is replaced by ``***@``,
+    so a download URL with credentials in it never reaches the tracking store."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", str(value))
 
 
 def default_tracking_uri(root: str | Path | None = None) -> str:
@@ -101,5 +109,5 @@ def stage_run(stage: str, params: Params, method: str | None = None) -> Iterator
     }
     run_name = f"{stage}@{method}" if method else stage
     with mlflow.start_run(run_name=run_name, tags=tags):
-        mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
+        mlflow.log_params({k: redact(v) for k, v in flatten(params).items()})
         yield StageRun(mlflow)
