@@ -1,6 +1,6 @@
 """`dvc repro` end to end on each real-data source, on tiny fixtures made here.
 
-Each test copies the project (code, stages, dvc.yaml, params.yaml, DVC config, presets)
+Each test copies the project (tests/dvc_project.py: code, stages, dvc.yaml, params.yaml, presets)
 into a fresh git + DVC repository, applies the data set's preset, shrinks it (tiny images,
 one epoch, small student) and runs the real `dvc repro`: download, prepare, both trainings,
 distillation, evaluation and the report, each stage a real subprocess.
@@ -9,24 +9,18 @@ distillation, evaluation and the report, each stage a real subprocess.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from kdpipe import presets
-from tests.conftest import PROJECT_ROOT
 from tests.data_fixtures import (build_tfds_cats_vs_dogs, http_server, make_cifar_archive, make_intel_zip,
                                  make_petimages_zip, md5)
+from tests.dvc_project import make_dvc_project
 
 pytestmark = pytest.mark.e2e
 
-COPIED = ["src", "stages", "conf", "teachers", "dvc.yaml", "params.yaml", ".dvcignore"]
 TINY = {
     "data.image_size": 8,
     "teacher.epochs": 1, "teacher.batch_size": 32,
@@ -38,13 +32,6 @@ TINY = {
 }
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[leaf] = value
-
-
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -54,32 +41,10 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> 
 def repro(tmp_path: Path, dataset: str, settings: dict[str, Any], mlflow: bool = False) -> Path:
     """Run the whole pipeline on ``dataset``'s preset, shrunk; MLflow (sqlite in tmp_path)
     only where asked: it costs seconds per stage and does not depend on the data source."""
-    project = tmp_path / "project"
-    project.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for name in COPIED:
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, ignore=ignore)
-        elif source.exists():
-            shutil.copy(source, project / name)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(project / "src"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "TFDS_DATA_DIR": str(tmp_path / "tfds-cache"),
-        "PYTHONWARNINGS": "ignore",
-    }
-    _run(["git", "init", "-q"], project, env)
-    _run(["dvc", "init", "-q"], project, env)
-    shutil.copy(PROJECT_ROOT / ".dvc/config", project / ".dvc/config")
-    shutil.copytree(PROJECT_ROOT / ".dvc/plots", project / ".dvc/plots", dirs_exist_ok=True)
-    presets.apply(dataset, project / "params.yaml", project / "conf/presets")  # the documented switch
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for key, value in {**TINY, "mlflow.enabled": mlflow, **settings}.items():
-        _set(params, key, value)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    project, env = make_dvc_project(
+        tmp_path / "project", {**TINY, "mlflow.enabled": mlflow, **settings}, preset=dataset, commit=False,
+        mlflow_db=tmp_path / "mlflow.db",
+        env={"TFDS_DATA_DIR": str(tmp_path / "tfds-cache"), "PYTHONWARNINGS": "ignore"})
     _run(["dvc", "repro"], project, env, timeout=600)
     status = _run(["dvc", "status"], project, env)
     assert "up to date" in status.stdout

@@ -4,18 +4,15 @@ teacher's logits on the student's views, and on nothing of kd.* except the on/of
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT
+from tests.dvc_project import make_dvc_project
 
 pytestmark = pytest.mark.e2e
 
@@ -43,31 +40,18 @@ def _changed(root: Path, env: dict) -> set[str]:
     return set(json.loads(out[out.index("{"):]) if "{" in out else {})
 
 
+TINY_PARAMS = {
+    "teacher.epochs": 1, "teacher.batch_size": 256, "student.epochs": 2, "student.batch_size": 256,
+    "evaluate.batch_size": 64, "evaluate.latency_warmup": 1, "evaluate.latency_runs": 2, "mlflow.log_models": False,
+    "runtime.threads": 1, "kd.teacher_targets": "cached", "kd.methods": ["logit"],
+}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kdpipe_tt")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("src", "stages", "teachers"):
-        shutil.copytree(PROJECT_ROOT / name, root / name, ignore=ignore)
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy2(PROJECT_ROOT / name, root / name)
+    root, env = make_dvc_project(tmp_path_factory.mktemp("kdpipe_tt"), TINY_PARAMS, env={"PYTHONWARNINGS": "ignore"})
     for name in ("data", "data/raw", "models", "metrics", "plots", "reports"):
         (root / name).mkdir(exist_ok=True)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PYTHONWARNINGS": "ignore",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("DVC_EXP_NAME", None)
-    _set(root / "params.yaml", teacher__epochs=1, teacher__batch_size=256, student__epochs=2, student__batch_size=256,
-         evaluate__batch_size=64, evaluate__latency_warmup=1, evaluate__latency_runs=2, mlflow__log_models=False, runtime__threads=1,
-         kd__teacher_targets="cached", kd__methods=["logit"])
-    _run(root, env, "git", "init", "-q")
-    _run(root, env, "dvc", "init", "-q")
-    shutil.copy2(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")
-    shutil.copytree(PROJECT_ROOT / ".dvc" / "plots", root / ".dvc" / "plots")
-    _run(root, env, "git", "add", "-A")
-    _run(root, env, "git", "commit", "-qm", "init")
     first = _run(root, env, "dvc", "repro")
     return root, env, first
 

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,11 +17,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT
+from tests.dvc_project import make_dvc_project
 
 pytestmark = pytest.mark.e2e
 
-COPY = ["src", "stages", "teachers", "dvc.yaml", "params.yaml", ".gitignore"]
+TINY_PARAMS = {
+    "teacher.epochs": 1, "teacher.batch_size": 128, "student.epochs": 1, "student.batch_size": 128,
+    "kd.methods": ["logit", "attention"],
+    "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2, "evaluate.batch_size": 512,
+    "mlflow.log_models": False,
+    "runtime.threads": 1,  # two shared cores: one thread each is fastest
+}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -35,32 +39,8 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A tiny-epoch copy of the project, reproduced once with kd.methods [logit, attention]."""
-    root = tmp_path_factory.mktemp("kd_e2e")
-    for name in COPY:
-        src = PROJECT_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(src, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section in ("teacher", "student"):
-        params[section].update(epochs=1, batch_size=128)
-    params["kd"]["methods"] = ["logit", "attention"]
-    params["evaluate"].update(latency_warmup=0, latency_runs=2, batch_size=512)
-    params["mlflow"]["log_models"] = False
-    params["runtime"]["threads"] = 1  # two shared cores: one thread each is fastest
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""), "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    _run(["git", "init", "-q"], root, env)
-    _run(["dvc", "init", "-q"], root, env)
-    shutil.copy2(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")
-    shutil.copytree(PROJECT_ROOT / ".dvc" / "plots", root / ".dvc" / "plots", dirs_exist_ok=True)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "project"], root, env)
+    root, env = make_dvc_project(tmp_path_factory.mktemp("kd_e2e"), TINY_PARAMS,
+                                 env={"PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"})
     _run(["dvc", "repro"], root, env)
     return root, env
 

@@ -7,11 +7,8 @@ Everything expensive runs once, in the module fixture; each test then checks one
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT
+from tests.dvc_project import make_dvc_project
 
 pytestmark = pytest.mark.e2e
 
@@ -57,55 +54,21 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-def copy_project(dest: Path) -> None:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("src", "stages", "conf", "teachers"):  # conf/: presets; teachers/: declared deps
-        if (PROJECT_ROOT / name).is_dir():
-            shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=ignore)
-    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore"):
-        shutil.copy2(PROJECT_ROOT / name, dest / name)
-
-
-def tiny_params(path: Path) -> None:
-    params = yaml.safe_load(path.read_text())
-    params["teacher"]["epochs"] = TEACHER_EPOCHS
-    params["teacher"].update(batch_size=64, lr=0.02)  # learns something (~85% val) in its one epoch
-    params["student"]["epochs"] = STUDENT_EPOCHS
-    params["kd"]["methods"] = ["logit"]  # pipeline mechanics with one method (test_e2e_kd_methods.py: several)
-    params["evaluate"].update(batch_size=64, latency_warmup=1, latency_runs=3)
-    params["mlflow"]["log_models"] = False  # model logging has its own test (test_tracking.py)
-    params["runtime"]["threads"] = 1  # a shared 2-core CI box: two threads per process oversubscribe it
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+TINY_PARAMS = {
+    "teacher.epochs": TEACHER_EPOCHS,
+    "teacher.batch_size": 64, "teacher.lr": 0.02,  # learns something (~85% val) in its one epoch
+    "student.epochs": STUDENT_EPOCHS,
+    "kd.methods": ["logit"],  # pipeline mechanics with one method (test_e2e_kd_methods.py: several)
+    "evaluate.batch_size": 64, "evaluate.latency_warmup": 1, "evaluate.latency_runs": 3,
+    "mlflow.log_models": False,  # model logging has its own test (test_tracking.py)
+    "runtime.threads": 1,  # a shared 2-core CI box: two threads per process oversubscribe it
+}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
-    root = tmp_path_factory.mktemp("kdpipe_e2e")
-    copy_project(root)
-    tiny_params(root / "params.yaml")
-    venv_bin = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONPATH": str(root / "src"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "kdpipe-test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "kdpipe-test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-    for key in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT", "KDPIPE_ROOT"):
-        env.pop(key, None)
+    root, env = make_dvc_project(tmp_path_factory.mktemp("kdpipe_e2e"), TINY_PARAMS)
     p = Project(root, env)
-    p.git("init", "-q")
-    p.git("config", "user.name", "kdpipe-test")
-    p.git("config", "user.email", "test@example.com")
-    p.run("dvc", "init", "-q")
-    (root / ".dvc" / "plots").mkdir(exist_ok=True)
-    shutil.copy2(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")
-    for template in (PROJECT_ROOT / ".dvc" / "plots").glob("*.json"):
-        shutil.copy2(template, root / ".dvc" / "plots" / template.name)
-    p.git("add", "-A")
-    p.git("commit", "-q", "-m", "project without outputs")
     r = p.results
     r["rev_before_repro"] = p.git("rev-parse", "HEAD")
 
