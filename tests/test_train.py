@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from kdpipe.data.loader import Normalizer
 from kdpipe.distill import CrossEntropyObjective, OnlineTeacher
 from kdpipe.distill.logit import LogitKD
 from kdpipe.inference import loss_and_accuracy, predict_logits
-from kdpipe.runtime import setup_runtime
+from kdpipe.runtime import Runtime, setup_runtime
 from kdpipe.train import fit, make_scheduler
 from tests.conftest import make_prepared
 
@@ -150,10 +151,6 @@ def test_every_schedule_stays_positive_over_the_whole_run(schedule):
 def test_bf16_auto_is_decided_per_model_and_never_overrides_an_explicit_choice():
     """``bf16: auto`` on a bf16-capable CPU: bf16 for models worth it (the 32×32 student,
     any ResNet-18), fp32 for the tiny digits student; ``on``/``off`` are kept as given."""
-    from dataclasses import replace
-
-    from kdpipe.runtime import Runtime
-
     auto = Runtime(torch.device("cpu"), 1, torch.bfloat16, True, False, bf16_policy="auto")
     tiny = models.build("student_cnn", 1, 10, 8)
     assert auto.for_model(tiny, (1, 8, 8)).amp_dtype is None

@@ -3,12 +3,11 @@
 On the CPU, ``runtime.bf16: auto`` uses bf16 autocast only where oneDNN has native bf16
 kernels (AVX-512 BF16 / AMX) *and* one forward pass costs at least :data:`BF16_MIN_GFLOPS`
 per image (:meth:`Runtime.for_model`): below that, the casts cost as much as they save.
-Measured on the 2-core AVX-512-BF16 machine (README, "Performance"), training steps in bf16
-vs fp32: the 95K student on 32×32 images 1.5× faster (30 epochs on the CIFAR-10 slice:
-23.9 s vs 37.0 s, test accuracy 58.4% vs 58.2%), ResNet-18 on 8×8 digits 1.3×, ResNet-18
-on 32×32 images 1.8× (width 16) to 2.2× (width 64); the 1.2-MFLOP digits student gained
-nothing. The decision is a pure function of architecture and input size, never of a
-timing, so it is the same in every stage and on every run. channels_last helped or was
+Measured on a 2-core AVX-512-BF16 CPU, bf16 vs fp32 training steps: the 95K student on
+32×32 images 1.5× faster (30 epochs on the CIFAR-10 slice: 23.9 s vs 37.0 s, test accuracy
+58.4% vs 58.2%), ResNet-18 1.3× on 8×8 digits and 1.8–2.2× on 32×32 images; the digits
+student gained nothing. The decision is a pure function of architecture and input size,
+never of a timing, so every stage and every run agrees on it. channels_last helped or was
 neutral for every model measured, so ``auto`` turns it on.
 """
 
@@ -28,9 +27,8 @@ from torch import nn
 from kdpipe.config import RuntimeConfig
 from kdpipe.errors import KdpipeError
 
-# Forward GFLOPs per image from which CPU bf16 autocast is used under ``bf16: auto``: the
-# student on 8×8 digits costs 0.0012 (no gain), on 32×32 images 0.021 (faster in bf16);
-# ResNet-18 costs 0.07 on 8×8 digits and 1.1 on 32×32 images (both faster in bf16).
+# Forward GFLOPs per image from which CPU bf16 autocast is used under ``bf16: auto``.
+# The student costs 0.0012 on 8×8 digits and 0.021 on 32×32 images; ResNet-18 0.07 and 1.1.
 BF16_MIN_GFLOPS = 0.01
 
 
