@@ -12,9 +12,9 @@ import pytest
 from kdpipe.config import parse_params
 from kdpipe.data import cifar10, pipeline
 from kdpipe.data.archives import UnsafeArchiveError
-from kdpipe.data.fetch import ChecksumError
+from kdpipe.data.fetch import ChecksumError, redact
 from kdpipe.errors import KdpipeError
-from kdpipe.io import read_json
+from kdpipe.io import file_digest, read_json
 from tests.data_fixtures import cifar_members, http_server, make_cifar_archive, md5, write_tar, write_zip
 
 
@@ -95,6 +95,27 @@ def test_malicious_archive_is_refused(served, tmp_path, monkeypatch, name):
         pipeline.download(params)
     assert list((tmp_path / "data/raw").iterdir()) == []
     assert not list(tmp_path.rglob("escape.txt")) and not Path("/tmp/kdpipe-escape.txt").exists()
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("https://user:pw@host/x", "https://***@host/x"),  # the whole userinfo, user name included
+    ("https://token@host/x", "https://***@host/x"),
+    ("http://user:pw@host.example:8080/c.tar.gz", "http://***@host.example:8080/c.tar.gz"),
+    ("https://host/x", "https://host/x"),
+    ("data/raw/c.tar.gz", "data/raw/c.tar.gz"),
+])
+def test_download_messages_hide_url_credentials(url, shown):
+    assert redact(url) == shown
+
+
+def test_file_digest_streams_md5_and_sha256(tmp_path):
+    import hashlib
+
+    path = tmp_path / "f.bin"
+    data = bytes(range(256)) * 9000  # > 2 MiB: several 1 MiB chunks
+    path.write_bytes(data)
+    assert file_digest(path, "md5") == hashlib.md5(data).hexdigest() == md5(path)
+    assert file_digest(path) == hashlib.sha256(data).hexdigest()
 
 
 def test_unreachable_server_and_missing_file(tmp_path):

@@ -1,9 +1,10 @@
-"""Atomic writes: a reader (or DVC) never sees a half-written output."""
+"""Atomic writes: a reader (or DVC) never sees a half-written output. Plus file hashing."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import tempfile
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+CHUNK = 1 << 20  # 1 MiB: hash files of any size in constant memory
 
 
 @contextlib.contextmanager
@@ -54,3 +57,15 @@ def save_torch(path: str | Path, obj: Any) -> None:
 def load_torch(path: str | Path) -> Any:
     """Load a file written by :func:`save_torch` without unpickling arbitrary objects."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks (``algorithm``: any hashlib name).
+
+    md5 is only ever a checksum here (matching published archive md5s), never a security
+    measure, so it is created with ``usedforsecurity=False`` (it works on FIPS systems)."""
+    digest = hashlib.new(algorithm, usedforsecurity=algorithm.lower() != "md5")
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -17,10 +17,16 @@ FIGURES_DIR = REPORTS_DIR / "figures"
 
 TEACHER = "teacher"
 BASELINE = "baseline"
+_DISTILLED_PREFIX = "distilled_"
 
 
 def distilled_name(method: str) -> str:
-    return f"distilled_{method}"
+    return f"{_DISTILLED_PREFIX}{method}"
+
+
+def is_distilled(name: str) -> bool:
+    """Whether ``name`` is a distilled student's (as made by :func:`distilled_name`)."""
+    return name.startswith(_DISTILLED_PREFIX)
 
 
 def model_path(name: str) -> Path:

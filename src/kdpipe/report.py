@@ -162,8 +162,8 @@ def write_report(
         draw(figures_dir / file)
 
     rel = figures_dir.relative_to(out_path.parent)
-    teacher = evaluation.get("teacher", {})
-    students = {n: m for n, m in evaluation.items() if n.startswith("distilled_")}
+    teacher = evaluation.get(paths.TEACHER, {})
+    students = {n: m for n, m in evaluation.items() if paths.is_distilled(n)}
     best = max(students, key=lambda n: students[n]["test_accuracy"]) if students else None
     lines = [
         "# kdpipe report",
@@ -183,8 +183,8 @@ def write_report(
         "efficiency is accuracy / (size MB × latency ms).",
         "",
     ]
-    if best is not None and "baseline" in evaluation:
-        gain = evaluation[best]["test_accuracy"] - evaluation["baseline"]["test_accuracy"]
+    if best is not None and paths.BASELINE in evaluation:
+        gain = evaluation[best]["test_accuracy"] - evaluation[paths.BASELINE]["test_accuracy"]
         lines += [
             f"Best distilled student: **{best}** at {evaluation[best]['test_accuracy']:.2f}% "
             f"({gain:+.2f} points against the baseline, {-evaluation[best].get('accuracy_drop', 0):+.2f} against the "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdpipe import paths
 from kdpipe.errors import KdpipeError
 
 PARAMS_FILE = "params.yaml"
@@ -67,7 +68,7 @@ def _file_data(files: dict[str, Any] | None, name: str) -> dict[str, Any] | None
 
 def collect_rows(exp_show: Any, method: str = "logit") -> list[SweepRow]:
     """One row per finished experiment that has kd.temperature, kd.alpha and the method's accuracy."""
-    key = f"distilled_{method}"
+    key = paths.distilled_name(method)
     rows = []
     for name, rev in _experiment_revs(exp_show):
         data = rev.get("data") or {}
@@ -76,7 +77,7 @@ def collect_rows(exp_show: Any, method: str = "logit") -> list[SweepRow]:
         kd = params.get("kd") or {}
         if rev.get("error") or key not in evaluation or "temperature" not in kd or "alpha" not in kd:
             continue
-        baseline = (evaluation.get("baseline") or {}).get("test_accuracy")
+        baseline = (evaluation.get(paths.BASELINE) or {}).get("test_accuracy")
         rows.append(SweepRow(name, rev.get("rev", ""), data.get("timestamp") or "", float(kd["temperature"]),
                              float(kd["alpha"]), float(evaluation[key]["test_accuracy"]),
                              None if baseline is None else float(baseline)))
@@ -99,7 +100,7 @@ def grid(rows: Sequence[SweepRow]) -> tuple[list[float], list[float], list[list[
 
 def markdown_table(rows: Sequence[SweepRow], method: str) -> str:
     ordered = sorted(rows, key=lambda r: (-r.accuracy, r.temperature, r.alpha, r.name))
-    lines = [f"| Rank | Experiment | T | α | distilled_{method} test acc. (%) | vs baseline (pt) |",
+    lines = [f"| Rank | Experiment | T | α | {paths.distilled_name(method)} test acc. (%) | vs baseline (pt) |",
              "|---|---|---|---|---|---|"]
     for i, r in enumerate(ordered, 1):
         gain = "–" if r.gain is None else f"{r.gain:+.2f}"
@@ -116,6 +117,7 @@ def plot_heatmap(rows: Sequence[SweepRow], method: str, path: Path) -> None:
 
     from kdpipe.io import atomic_path
 
+    model = paths.distilled_name(method)
     temps, alphas, values = grid(rows)
     arr = np.array(values, dtype=float)
     fig, ax = plt.subplots(figsize=(1.1 * len(alphas) + 2.5, 0.8 * len(temps) + 1.8))
@@ -123,7 +125,7 @@ def plot_heatmap(rows: Sequence[SweepRow], method: str, path: Path) -> None:
     ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_yticks(range(len(temps)), [f"{t:g}" for t in temps])
     ax.set(xlabel="kd.alpha (weight of the soft term)", ylabel="kd.temperature",
-           title=f"distilled_{method}: test accuracy (%)")
+           title=f"{model}: test accuracy (%)")
     finite = arr[np.isfinite(arr)]
     middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
     for i in range(len(temps)):
@@ -133,7 +135,7 @@ def plot_heatmap(rows: Sequence[SweepRow], method: str, path: Path) -> None:
                         color="white" if arr[i, j] < middle else "black")
     baselines = {r.baseline for r in rows if r.baseline is not None}
     if len(baselines) == 1:
-        ax.set_title(f"distilled_{method}: test accuracy (%); baseline {baselines.pop():.2f}", fontsize=10)
+        ax.set_title(f"{model}: test accuracy (%); baseline {baselines.pop():.2f}", fontsize=10)
     fig.colorbar(image, ax=ax, label="test accuracy (%)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -149,12 +151,13 @@ def sweep_report(out_dir: str | Path, method: str = "logit", exp_show: Any = Non
     if exp_show is None:
         exp_show = run_exp_show(repo, all_commits)
     rows = collect_rows(exp_show, method)
+    model = paths.distilled_name(method)
     if not rows:
-        raise KdpipeError(f"no finished experiment has kd.temperature, kd.alpha and distilled_{method} in "
+        raise KdpipeError(f"no finished experiment has kd.temperature, kd.alpha and {model} in "
                           f"{EVALUATION_FILE}; run the sweep first (dvc exp run --queue ..., dvc queue start).")
     out = Path(out_dir)
     plot_heatmap(rows, method, out / "sweep_heatmap.png")
     with atomic_path(out / "sweep_table.md") as tmp:
-        tmp.write_text(f"# T×α sweep: distilled_{method}\n\n{len(rows)} experiments, best first.\n\n"
+        tmp.write_text(f"# T×α sweep: {model}\n\n{len(rows)} experiments, best first.\n\n"
                        + markdown_table(rows, method))
     return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -12,15 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.config import Params, flatten
+from kdpipe.redact import redact
 
 PROJECT_ROOT_ENV = "KDPIPE_ROOT"
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-
-
-def redact(value: Any) -> str:
-    """A param value as logged: a URL's ``user:password@`` part is replaced by ``***@``,
-    so a download URL with credentials in it never reaches the tracking store."""
-    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", str(value))
 
 
 def default_tracking_uri(root: str | Path | None = None) -> str:

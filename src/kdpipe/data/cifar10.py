@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from kdpipe.config import DataConfig
 from kdpipe.data.archives import extract
-from kdpipe.data.fetch import download_file, md5_file
+from kdpipe.data.fetch import download_file
 from kdpipe.data.images import resize_uint8
 from kdpipe.data.sources import RawDataset
 from kdpipe.errors import KdpipeError
-from kdpipe.io import read_json, write_json
+from kdpipe.io import file_digest, read_json, write_json
 
 DEFAULT_IMAGE_SIZE = 32
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -95,7 +95,7 @@ def download(raw_dir: Path, cfg: DataConfig) -> dict:
     names = _batch_names(raw_dir / FOLDER)
     write_json(raw_dir / MANIFEST, {
         "archive_md5": settings.md5.lower(),
-        "files": {name: md5_file(raw_dir / FOLDER / name) for name in names},
+        "files": {name: file_digest(raw_dir / FOLDER / name, "md5") for name in names},
     })
     return {"archive_md5": settings.md5.lower(), "batches": names}
 

@@ -24,8 +24,9 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from kdpipe.errors import KdpipeError
+from kdpipe.io import CHUNK
+from kdpipe.redact import redact
 
-CHUNK = 1 << 20
 TIMEOUT_S = 60
 REMOTE_SCHEMES = ("http", "https")
 
@@ -42,23 +43,6 @@ def is_local(url: str) -> bool:
 
 def url_scheme_ok(url: str) -> bool:
     return is_local(url) or urllib.parse.urlsplit(url).scheme in (*REMOTE_SCHEMES, "file")
-
-
-def redact(url: str) -> str:
-    """``url`` without a password in it, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def md5_file(path: str | Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextmanager
