@@ -7,6 +7,7 @@ from pathlib import Path
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
 TEACHER_TARGETS_DIR = Path("data/teacher_targets")
+KD_SETTINGS_DIR = Path("data/kd_settings")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")

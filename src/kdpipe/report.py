@@ -19,6 +19,7 @@ from kdpipe.data.prepare import PreparedData, load_prepared  # noqa: E402
 from kdpipe.evaluate import confusion_matrix  # noqa: E402
 from kdpipe.io import atomic_path, read_json  # noqa: E402
 from kdpipe.tracking import stage_run  # noqa: E402
+from kdpipe.validation import as_dict  # noqa: E402
 
 TABLE_COLUMNS = [
     ("test_accuracy", "Test acc. (%)", "{:.2f}"),
@@ -171,7 +172,7 @@ def write_report(
         f"Data set **{context['dataset']}**: {data.meta['sizes']['train']} train / {data.meta['sizes']['val']} val / "
         f"{data.meta['sizes']['test']} test images, {data.channels}×{data.image_size}×{data.image_size}, "
         f"{data.num_classes} classes. Teacher `{context['teacher_arch']}`, student `{context['student_arch']}` "
-        f"widths {context['student_widths']}; KD T={context['temperature']}, alpha={context['alpha']}; "
+        f"({context['student_settings']}); KD T={context['temperature']}, alpha={context['alpha']}; "
         f"seed {context['seed']}.",
         "",
         "## Comparison",
@@ -216,7 +217,8 @@ def build_report(params: Params) -> None:
     training = {n: read_json(paths.train_metrics_path(n)) for n in evaluation}
     context = {
         "dataset": params.data.name, "teacher_arch": params.teacher.arch, "student_arch": params.student.arch,
-        "student_widths": params.student.widths, "temperature": params.kd.temperature, "alpha": params.kd.alpha,
+        "student_settings": ", ".join(f"{k} {v}" for k, v in as_dict(params.student.arch_settings).items()),
+        "temperature": params.kd.temperature, "alpha": params.kd.alpha,
         "seed": params.seed,
     }
     with stage_run("report", params) as run:

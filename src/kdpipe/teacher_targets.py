@@ -43,29 +43,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdpipe import models, paths
-from kdpipe.config import AugmentConfig, Params
-from kdpipe.data.loader import Normalizer, augmentation, place_split, train_batches
+from kdpipe.config import AugmentConfig, Params, TrainConfig
+from kdpipe.data.loader import TrainingBatches
 from kdpipe.data.prepare import PreparedData, load_prepared
 from kdpipe.distill.base import BatchContext
-from kdpipe.distill.targets import CachedTeacher, OnlineTeacher
+from kdpipe.distill.targets import CachedTeacher, OnlineTeacher, TeacherLogits
 from kdpipe.errors import KdpipeError
-from kdpipe.io import read_json
+from kdpipe.io import file_digest, read_json
 from kdpipe.runtime import Runtime, setup_runtime
 
 FORMAT = "kdpipe-teacher-targets/1"
 LOGITS_FILE = "logits.npy"
 META_FILE = "meta.json"
-# fingerprint keys that must match between the cache and the distillation run using it
-_MUST_MATCH = ("seed", "epochs", "batch_size", "crop_padding", "flip", "train_images", "num_classes",
-               "train_sha256", "teacher_sha256", "teacher_precision", "channels_last", "device")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# every fingerprint key must match between the cache and the distillation run using it, except:
+_MAY_DIFFER = ("threads",)
 
 
 def tensor_sha256(*tensors: torch.Tensor) -> str:
@@ -81,49 +72,39 @@ def teacher_precision(teacher: nn.Module, runtime: Runtime, data: PreparedData) 
     return str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype is not None else "float32"
 
 
-def fingerprint(data: PreparedData, epochs: int, batch_size: int, augment: AugmentConfig, seed: int,
-                teacher: nn.Module, teacher_sha256: str, runtime: Runtime) -> dict[str, Any]:
-    """Everything that decides the cached logits (what the views are, who looks at them, how)."""
-    pad, flip = augmentation(augment, data.meta)
+def fingerprint(data: PreparedData, batches: TrainingBatches, epochs: int, teacher: nn.Module, teacher_sha256: str,
+                runtime: Runtime) -> dict[str, Any]:
+    """Everything that decides the cached logits: the batches (what the views are), the
+    epochs, the training images, who looks at them and in which precision."""
     return {
-        "seed": seed,
+        **batches.describe(),
         "epochs": epochs,
-        "batch_size": batch_size,
-        "crop_padding": pad,
-        "flip": flip,
         "train_images": len(data.train),
         "num_classes": data.num_classes,
         "train_sha256": tensor_sha256(data.train.images, data.train.labels),
         "teacher_sha256": teacher_sha256,
         "teacher_precision": teacher_precision(teacher, runtime, data),
-        "channels_last": runtime.channels_last,
-        "device": runtime.device.type,
         "threads": runtime.threads,
     }
 
 
 @torch.no_grad()
-def compute_teacher_logits(teacher: nn.Module, data: PreparedData, epochs: int, batch_size: int,
-                           augment: AugmentConfig, runtime: Runtime, seed: int,
-                           out: np.ndarray | None = None) -> np.ndarray:
+def compute_teacher_logits(teacher: nn.Module, data: PreparedData, epochs: int, batches: TrainingBatches,
+                           runtime: Runtime, out: np.ndarray | None = None) -> np.ndarray:
     """The teacher's float32 logits on every view distillation will draw: epochs × N × classes.
 
-    The batches are the ones :func:`kdpipe.train.fit` draws for a student trained with
-    ``batch_size`` for ``epochs`` (same loader call, same order, views, normalisation and
-    memory format), and the teacher runs through :class:`OnlineTeacher` exactly as in
-    online distillation, so every row is bit-identical to the online teacher's output.
+    ``batches`` is the :class:`TrainingBatches` a student trained with the same batch size,
+    augmentation and seed draws from, and the teacher runs through :class:`OnlineTeacher`
+    exactly as in online distillation, so every row is bit-identical to the online teacher's
+    output.
     """
     online = OnlineTeacher(teacher, runtime).to(runtime.device, memory_format=runtime.memory_format)
-    normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"], runtime.device)
-    train = place_split(data.train, runtime.device)
-    pad, flip = augmentation(augment, data.meta)
     shape = (epochs, len(data.train), data.num_classes)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     assert out.shape == shape and out.dtype == np.float32
     for epoch in tqdm(range(epochs), desc="teacher targets", leave=False, disable=None):
-        for batch in train_batches(train, batch_size, seed, epoch, pad, flip, normalize, runtime.memory_format,
-                                   runtime.device):
+        for batch in batches.epoch(epoch):
             logits = online(batch.images, BatchContext(batch.indices, epoch))
             out[epoch, batch.indices.numpy()] = logits.float().cpu().numpy()
     return out
@@ -143,8 +124,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | None = None,
                           teacher_sha256: str = "", data: PreparedData | None = None, epochs: int = 0,
-                          batch_size: int = 0, augment: AugmentConfig | None = None, runtime: Runtime | None = None,
-                          seed: int = 0) -> dict[str, Any]:
+                          batches: TrainingBatches | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
     """Write ``out_dir`` atomically (a finished directory or none); returns its meta."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -154,16 +134,16 @@ def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | N
             meta: dict[str, Any] = {"format": FORMAT, "mode": "online",
                                     "note": "kd.teacher_targets=online: distillation runs the teacher itself"}
         else:
-            assert teacher is not None and data is not None and augment is not None and runtime is not None
+            assert teacher is not None and data is not None and batches is not None and runtime is not None
             start = time.perf_counter()
             logits = np.lib.format.open_memmap(tmp / LOGITS_FILE, mode="w+", dtype=np.float32,
                                                shape=(epochs, len(data.train), data.num_classes))
-            compute_teacher_logits(teacher, data, epochs, batch_size, augment, runtime, seed, out=logits)
+            compute_teacher_logits(teacher, data, epochs, batches, runtime, out=logits)
             logits.flush()
             del logits
             meta = {"format": FORMAT, "mode": "cached", "dtype": "float32",
                     "shape": [epochs, len(data.train), data.num_classes],
-                    **fingerprint(data, epochs, batch_size, augment, seed, teacher, teacher_sha256, runtime),
+                    **fingerprint(data, batches, epochs, teacher, teacher_sha256, runtime),
                     "seconds": round(time.perf_counter() - start, 2)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
@@ -172,9 +152,10 @@ def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | N
     return meta
 
 
-def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any]) -> CachedTeacher:
-    """The cache in ``out_dir`` as a :class:`CachedTeacher`, after checking it was computed
-    for exactly this run (``expected``: :func:`fingerprint` of the distillation run)."""
+def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any], module: nn.Module | None = None) -> CachedTeacher:
+    """The cache in ``out_dir`` as a :class:`CachedTeacher` (carrying the live teacher ``module``
+    when given), after checking it was computed for exactly this run (``expected``:
+    :func:`fingerprint` of the distillation run)."""
     out_dir = Path(out_dir)
     meta_path = out_dir / META_FILE
     if not meta_path.exists():
@@ -187,7 +168,8 @@ def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any]) -> Cached
             f"{out_dir} holds no logits (it was made with kd.teacher_targets={meta.get('mode')}); "
             "run `dvc repro` so the teacher_targets stage computes them, or use kd.teacher_targets=online."
         )
-    diffs = [f"{k}: cache {meta.get(k)!r} vs run {expected.get(k)!r}" for k in _MUST_MATCH if meta.get(k) != expected.get(k)]
+    diffs = [f"{k}: cache {meta.get(k)!r} vs run {expected.get(k)!r}" for k in expected
+             if k not in _MAY_DIFFER and meta.get(k) != expected.get(k)]
     if diffs:
         raise KdpipeError(
             f"the cached teacher targets in {out_dir} were computed for another run ({'; '.join(diffs)}); "
@@ -196,16 +178,19 @@ def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any]) -> Cached
     logits = np.load(out_dir / LOGITS_FILE, mmap_mode="r")
     if list(logits.shape) != list(meta["shape"]) or logits.dtype != np.float32:
         raise KdpipeError(f"{out_dir / LOGITS_FILE} does not match its meta.json; re-run the teacher_targets stage.")
-    return CachedTeacher(logits)
+    return CachedTeacher(logits, module)
 
 
-def teacher_targets_for(params: Params, teacher: nn.Module, data: PreparedData, runtime: Runtime):
-    """The teacher-logits source ``kd.teacher_targets`` selects for distillation."""
-    if params.kd.teacher_targets == "online":
+def teacher_source(teacher: nn.Module, data: PreparedData, recipe: TrainConfig, augment: AugmentConfig, seed: int,
+                   runtime: Runtime, cached: bool, live: bool) -> TeacherLogits:
+    """The teacher's logits for a distillation run: the teacher_targets cache when ``cached``
+    (carrying the live teacher too when ``live``: feature-based methods), else the teacher online."""
+    if not cached:
         return OnlineTeacher(teacher, runtime)
-    expected = fingerprint(data, params.student.epochs, params.student.batch_size, params.data.augment,
-                           params.seed, teacher, file_sha256(paths.model_path(paths.TEACHER)), runtime)
-    return load_cached_teacher(paths.TEACHER_TARGETS_DIR, expected)
+    student_batches = TrainingBatches.for_run(data, recipe.batch_size, augment, seed, runtime)
+    expected = fingerprint(data, student_batches, recipe.epochs, teacher,
+                           file_digest(paths.model_path(paths.TEACHER)), runtime)
+    return load_cached_teacher(paths.TEACHER_TARGETS_DIR, expected, teacher if live else None)
 
 
 def build_teacher_targets(params: Params) -> dict[str, Any]:
@@ -220,11 +205,11 @@ def build_teacher_targets(params: Params) -> dict[str, Any]:
     data = load_prepared(paths.PREPARED_DIR)
     teacher_path = paths.model_path(paths.TEACHER)
     teacher, _ = models.load(teacher_path)
+    batches = TrainingBatches.for_run(data, params.student.batch_size, params.data.augment, params.seed, runtime)
     with stage_run("teacher_targets", params) as run:
         meta = write_teacher_targets(
-            paths.TEACHER_TARGETS_DIR, "cached", teacher=teacher, teacher_sha256=file_sha256(teacher_path),
-            data=data, epochs=params.student.epochs, batch_size=params.student.batch_size,
-            augment=params.data.augment, runtime=runtime, seed=params.seed,
+            paths.TEACHER_TARGETS_DIR, "cached", teacher=teacher, teacher_sha256=file_digest(teacher_path),
+            data=data, epochs=params.student.epochs, batches=batches, runtime=runtime,
         )
         run.log_metrics({"teacher_targets_seconds": meta["seconds"],
                          "teacher_targets_mb": (paths.TEACHER_TARGETS_DIR / LOGITS_FILE).stat().st_size / 2**20})

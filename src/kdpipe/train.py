@@ -12,13 +12,13 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from kdpipe.config import AugmentConfig, TrainConfig
-from kdpipe.data.loader import Normalizer, augmentation, place_split, train_batches
+from kdpipe.data.loader import Normalizer, TrainingBatches
 from kdpipe.data.prepare import PreparedData, Split
 from kdpipe.distill.base import BatchContext, Objective
 from kdpipe.inference import loss_and_accuracy, predict_logits
@@ -72,81 +72,116 @@ def to_device(split: Split, device: torch.device) -> Split:
     return Split(split.images.to(device), split.labels.to(device))
 
 
-def fit(
-    objective: Objective,
-    data: PreparedData,
-    recipe: TrainConfig,
-    augment: AugmentConfig,
-    runtime: Runtime,
-    seed: int,
-    desc: str,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> TrainResult:
-    """Train ``objective.student`` in place; on return it holds the best-on-validation weights."""
+@dataclass
+class TrainJob:
+    """One training run's inputs: what to train, on what, with which recipe, where."""
+
+    name: str  # the model's name (progress bars, logs)
+    objective: Objective
+    data: PreparedData
+    recipe: TrainConfig
+    augment: AugmentConfig
+    runtime: Runtime
+    seed: int
+
+
+class BestWeights:
+    """Keeps a copy of the weights with the best validation accuracy so far."""
+
+    def __init__(self) -> None:
+        self.accuracy, self.epoch, self.state = -1.0, 0, None
+
+    def update(self, model: torch.nn.Module, accuracy: float, epoch: int) -> None:
+        if accuracy > self.accuracy:
+            self.accuracy, self.epoch = accuracy, epoch
+            self.state = copy.deepcopy(model.state_dict())
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+@dataclass
+class Optimisation:
+    """The optimiser, its per-step schedule and the loss scaler (fp16 only) of one run."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One update; returns the learning rate it used (the scheduler then moves on)."""
+        self.opt.zero_grad(set_to_none=True)
+        lr = self.opt.param_groups[0]["lr"]
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return lr
+
+
+def train_epoch(job: TrainJob, batches: TrainingBatches, epoch: int, optim: Optimisation, step_fn) -> dict:
+    """One epoch over ``batches``: returns the epoch's training row (loss terms, accuracy, lr, time)."""
+    runtime, recipe = job.runtime, job.recipe
+    job.objective.train()
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=runtime.device)
+    lr, start, n_train = 0.0, time.perf_counter(), len(batches.split)
+    for batch in tqdm(batches.epoch(epoch), total=batches.steps, desc=f"{job.name} epoch {epoch + 1}/{recipe.epochs}",
+                      leave=False, disable=None, file=sys.stderr):
+        with runtime.autocast():
+            logits, losses = step_fn(batch.images, batch.labels, BatchContext(batch.indices, epoch))
+        lr = optim.step(sum(losses.values()))
+        n = batch.labels.numel()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float() * n
+        correct += (logits.detach().argmax(1) == batch.labels).sum()
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)  # time the work, not its queueing
+    return {
+        "train_loss": round(sum(v.item() for v in sums.values()) / n_train, 6),
+        "train_acc": round(correct.item() / n_train * 100.0, 4),
+        "lr": round(lr, 8),  # of the epoch's last update
+        "epoch_seconds": round(time.perf_counter() - start, 3),
+        **{f"train_{name}": round(v.item() / n_train, 6) for name, v in sums.items()},
+    }
+
+
+def validate(model: torch.nn.Module, val: Split, normalize: Normalizer, runtime: Runtime) -> tuple[float, float]:
+    """(loss, accuracy %) of ``model`` on the validation split."""
+    logits = predict_logits(model, val, normalize, 512, runtime.autocast(), runtime.memory_format)
+    return loss_and_accuracy(logits, val.labels)
+
+
+def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``job.objective.student`` in place; on return it holds the best-on-validation weights."""
+    objective, data, recipe = job.objective, job.data, job.recipe
     student = objective.student
-    runtime = runtime.for_model(student, (data.channels, data.image_size, data.image_size))
+    job = replace(job, runtime=job.runtime.for_model(student, (data.channels, data.image_size, data.image_size)))
+    runtime = job.runtime
     objective.to(runtime.device, memory_format=runtime.memory_format)
-    normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"], runtime.device)
-    train, val = place_split(data.train, runtime.device), to_device(data.val, runtime.device)
-    pad, flip = augmentation(augment, data.meta)
-    steps = math.ceil(len(train) / recipe.batch_size)
+    batches = TrainingBatches.for_run(data, recipe.batch_size, job.augment, job.seed, runtime)
+    val = to_device(data.val, runtime.device)
     opt = make_optimizer(objective.trainable_parameters(), recipe)
-    sched = make_scheduler(opt, recipe, steps)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    optim = Optimisation(opt, make_scheduler(opt, recipe, batches.steps),
+                         torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16))
     # compile time is not hidden: it is part of the first epoch's epoch_seconds and of seconds
     step_fn = torch.compile(objective.forward_train) if runtime.compile else objective.forward_train
 
-    result, best_state, start = TrainResult(), None, time.perf_counter()
+    result, best, start = TrainResult(), BestWeights(), time.perf_counter()
     for epoch in range(recipe.epochs):
-        objective.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=runtime.device)
-        epoch_start = time.perf_counter()
-        batches = train_batches(train, recipe.batch_size, seed, epoch, pad, flip, normalize,
-                                runtime.memory_format, runtime.device)
-        for batch in tqdm(batches, total=steps, desc=f"{desc} epoch {epoch + 1}/{recipe.epochs}", leave=False,
-                          disable=None, file=sys.stderr):
-            with runtime.autocast():
-                logits, losses = step_fn(batch.images, batch.labels, BatchContext(batch.indices, epoch))
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            lr = opt.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            n = batch.labels.numel()
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * n
-            correct += (logits.detach().argmax(1) == batch.labels).sum()
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)  # time the work, not its queueing
-        train_seconds = time.perf_counter() - epoch_start
-        val_logits = predict_logits(student, val, normalize, 512, runtime.autocast(), runtime.memory_format)
-        val_loss, val_acc = loss_and_accuracy(val_logits, val.labels)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": round(sum(v.item() for v in sums.values()) / len(train), 6),
-            "train_acc": round(correct.item() / len(train) * 100.0, 4),
-            "val_loss": round(val_loss, 6),
-            "val_acc": round(val_acc, 4),
-            "lr": round(lr, 8),  # of the epoch's last update
-            "epoch_seconds": round(train_seconds, 3),
-            **{f"train_{name}": round(v.item() / len(train), 6) for name, v in sums.items()},
-        }
+        trained = train_epoch(job, batches, epoch, optim, step_fn)
+        val_loss, val_acc = validate(student, val, batches.normalize, runtime)
+        row = {"epoch": epoch + 1, "train_loss": trained.pop("train_loss"), "train_acc": trained.pop("train_acc"),
+               "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 4), **trained}
         result.history.append(row)
-        if val_acc > result.best_val_accuracy:
-            result.best_val_accuracy, result.best_epoch = val_acc, epoch + 1
-            best_state = copy.deepcopy(student.state_dict())
-        tqdm.write(
-            f"{desc} epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f} "
-            f"train {row['train_acc']:.2f}% val {val_acc:.2f}% ({train_seconds:.1f}s)",
-            file=sys.stderr,
-        )
+        best.update(student, val_acc, epoch + 1)
+        tqdm.write(f"{job.name} epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f} "
+                   f"train {row['train_acc']:.2f}% val {val_acc:.2f}% ({row['epoch_seconds']:.1f}s)", file=sys.stderr)
         if on_epoch is not None:
             on_epoch(row)
-    if best_state is not None:
-        student.load_state_dict(best_state)
+    best.restore(student)
+    result.best_epoch, result.best_val_accuracy = best.epoch, best.accuracy
     result.seconds = time.perf_counter() - start
     result.runtime = runtime.describe()
     return result

@@ -109,3 +109,46 @@ def eval_batches(
         idx = torch.arange(start, min(start + batch_size, len(split)))
         x = normalize(split.images[start : start + batch_size]).contiguous(memory_format=memory_format)
         yield Batch(idx, x, split.labels[start : start + batch_size])
+
+
+@dataclass(frozen=True)
+class TrainingBatches:
+    """The one batch pipeline of training: every epoch's shuffled, augmented, normalised
+    batches for a run, placed on its device in its memory format.
+
+    The training engine and the teacher_targets stage both draw their batches from here, so
+    the cached teacher logits are computed on exactly the batches distillation trains on;
+    :meth:`describe` is what the cache records and checks.
+    """
+
+    split: Split  # the training split, placed on (or pinned for) the device
+    batch_size: int
+    seed: int
+    pad: int  # crop padding actually applied
+    flip: bool  # flips actually applied (only where they keep the label)
+    normalize: Normalizer
+    memory_format: torch.memory_format
+    device: torch.device
+
+    @classmethod
+    def for_run(cls, data, batch_size: int, augment, seed: int, runtime) -> "TrainingBatches":
+        """The batches a run with ``batch_size``, ``augment`` (data.augment) and ``seed`` trains on
+        (``data``: :class:`~kdpipe.data.prepare.PreparedData`; ``runtime``: its device and layout)."""
+        pad, flip = augmentation(augment, data.meta)
+        return cls(place_split(data.train, runtime.device), batch_size, seed, pad, flip,
+                   Normalizer.from_meta(data.meta["mean"], data.meta["std"], runtime.device),
+                   runtime.memory_format, runtime.device)
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch."""
+        return -(-len(self.split) // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        return train_batches(self.split, self.batch_size, self.seed, epoch, self.pad, self.flip, self.normalize,
+                             self.memory_format, self.device)
+
+    def describe(self) -> dict:
+        """Everything that decides the batches, besides the training images themselves."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "crop_padding": self.pad, "flip": self.flip,
+                "channels_last": self.memory_format == torch.channels_last, "device": self.device.type}

@@ -8,7 +8,7 @@ from typing import Any
 from kdpipe import paths
 from kdpipe.config import Params
 from kdpipe.data.prepare import SPLITS, class_counts, save_prepared, split_dataset
-from kdpipe.data.sources import get_source, with_image_size
+from kdpipe.data.sources import SOURCES, image_size
 from kdpipe.io import write_json
 
 
@@ -18,12 +18,12 @@ def raw_dir(params: Params):
 
 def download(params: Params) -> dict[str, Any]:
     """Fetch the configured data set into data/raw/<name>/ (replacing what was there)."""
-    source = get_source(params.data.name)
+    source = SOURCES.get(params.data.name).factory
     target = raw_dir(params)
     if target.exists():
         shutil.rmtree(target)
     try:
-        info = source.download(target, params.data)
+        info = source.download(target, params.data.source)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)  # nothing that looks complete is left behind
         raise
@@ -33,8 +33,8 @@ def download(params: Params) -> dict[str, Any]:
 
 def prepare(params: Params) -> dict[str, Any]:
     """Read the raw data, split it and write data/prepared/ plus metrics/data.json."""
-    source = get_source(params.data.name)
-    raw = source.load(raw_dir(params), with_image_size(params.data, source))
+    source = SOURCES.get(params.data.name).factory
+    raw = source.load(raw_dir(params), params.data.source, image_size(params.data, source))
     splits = split_dataset(raw, params.data.val_fraction, params.data.test_fraction, params.seed)
     meta = save_prepared(paths.PREPARED_DIR, splits, raw, params.data.name)
     summary = {

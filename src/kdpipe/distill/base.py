@@ -1,20 +1,66 @@
-"""The distiller contract and registry.
+"""The distiller contract and the KD method registry.
 
-An objective wraps the student (and, for distillation, a teacher) and implements
-``forward_train(images, labels, batch) -> (student_logits, {term_name: loss})``. The
-training engine sums the terms and logs each one, so a new method is one small class.
+An objective wraps the student (and, for distillation, the teacher's logits) and implements
+``forward_train(images, labels, batch) -> (student_logits, {term_name: loss})``. The training
+engine sums the terms and logs each one, so a new method is one small class.
+
+A KD method is one module ``kdpipe/distill/<name>.py`` that registers itself::
+
+    @dataclass(frozen=True)
+    class MySettings(MethodSettings):          # its section kd.<name> in params.yaml
+        beta: float = 1.0
+        temperature: float = derived()         # read from the shared kd.temperature
+
+    @METHODS.register("<name>", MySettings)
+    class MyKD(Objective):
+        def __init__(self, inputs: MethodInputs, settings: MySettings) -> None: ...
+
+The settings are the method's whole interface to params.yaml: the ``derived`` fields name
+the shared ``kd.*`` values it reads (:class:`SharedKd`), the others its own section. The
+distill stage of a method depends on exactly these values (see the kd_settings stage).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdpipe.errors import KdpipeError
+from kdpipe.plugins import Registry
+from kdpipe.validation import Settings, fail
+
+if TYPE_CHECKING:
+    from kdpipe.distill.targets import TeacherLogits
+
+METHODS: Registry[type] = Registry("KD method", "kd.methods", "kdpipe.distill")
+
+
+@dataclass(frozen=True)
+class SharedKd(Settings):
+    """The ``kd.*`` values several methods read; a method reads one by declaring a
+    ``derived()`` field of the same name in its settings."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the soft (teacher) term; the label term gets 1 - alpha
+    teacher_targets: Literal["cached", "online"] = "cached"
+
+    def check(self, key: str) -> None:
+        if self.temperature <= 0:
+            fail(f"{key}.temperature", self.temperature, "a number > 0")
+        if not 0 <= self.alpha <= 1:
+            fail(f"{key}.alpha", self.alpha, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class MethodSettings(Settings):
+    """Base of a method's settings. ``check_selected`` runs only when the method is in
+    ``kd.methods`` (for rules such as "needs at least one extra teacher")."""
+
+    def check_selected(self, key: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -23,6 +69,17 @@ class BatchContext:
 
     indices: torch.Tensor  # positions in the training split
     epoch: int
+
+
+@dataclass
+class MethodInputs:
+    """What every method is built from, besides its settings."""
+
+    student: nn.Module
+    teacher: TeacherLogits  # the teacher's logits; ``teacher.module`` is the live teacher, if any
+    label_smoothing: float  # the student recipe's, applied to every label term
+    input_shape: tuple[int, int, int]  # C, H, W of the training images
+    meta: dict[str, Any]  # the prepared data's description (class names, statistics)
 
 
 class Objective(nn.Module):
@@ -50,40 +107,19 @@ class CrossEntropyObjective(Objective):
         self.label_smoothing = label_smoothing
 
     def forward_train(self, images, labels, batch):
+        from kdpipe.distill.losses import label_ce
+
         logits = self.student(images)
-        return logits, {"ce": F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)}
+        return logits, {"ce": label_ce(logits, labels, self.label_smoothing)}
 
 
-class FrozenTeacher(nn.Module):
-    """A teacher that stays in eval mode and never receives gradients."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "FrozenTeacher":
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+def needs_teacher_module(method: str) -> bool:
+    """Whether ``method`` reads the teacher's feature maps (so the teacher must run live)."""
+    return bool(METHODS.get(method).info.get("needs_teacher_module", False))
 
 
-DistillerFactory = Callable[..., Objective]
-METHODS: dict[str, DistillerFactory] = {}
+def reads_teacher_logits(method: str) -> bool:
+    """Whether ``method`` reads the teacher's logits (cached or online: ``kd.teacher_targets``)."""
+    from kdpipe.validation import derived_fields
 
-
-def register(name: str) -> Callable[[DistillerFactory], DistillerFactory]:
-    def wrap(factory: DistillerFactory) -> DistillerFactory:
-        METHODS[name] = factory
-        return factory
-
-    return wrap
-
-
-def get_method(name: str) -> DistillerFactory:
-    if name not in METHODS:
-        raise KdpipeError(f"distillation method {name!r} is not implemented; available: {', '.join(sorted(METHODS))}.")
-    return METHODS[name]
+    return "teacher_targets" in derived_fields(METHODS.get(method).settings)

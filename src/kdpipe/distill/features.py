@@ -1,5 +1,6 @@
 """What feature-based methods share: which student stage learns from which teacher stage,
-and running a model with :class:`~kdpipe.models.FeatureTap` on the named stages.
+running a model with :class:`~kdpipe.models.FeatureTap` on the named stages, and the
+attention-transfer term (used by ``attention`` and ``combined``).
 
 Stage pairing (``pair_stages``): models list their stages shallow→deep in ``feature_names``
 (StudentCNN ``blocks.0..``, ResNet-18 ``layer1..layer4``, MobileNetV2 the ends of its stride
@@ -22,8 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kdpipe.distill.base import FrozenTeacher
-from kdpipe.distill.targets import OnlineTeacher, TeacherLogits
+import torch.nn.functional as F
+
+from kdpipe.distill.losses import resize_map
+from kdpipe.distill.targets import FrozenTeacher
 from kdpipe.errors import KdpipeError
 from kdpipe.models.features import FeatureTap
 
@@ -37,15 +40,6 @@ def pair_stages(student_names: Sequence[str], teacher_names: Sequence[str]) -> l
     else:
         idx = [round(i * (t - 1) / (s - 1)) for i in range(s)]
     return [(student_names[i], teacher_names[j]) for i, j in enumerate(idx)]
-
-
-def frozen_teacher(teacher: nn.Module | None, targets: TeacherLogits | None) -> FrozenTeacher:
-    """The teacher as a :class:`FrozenTeacher`, shared with an online ``targets`` when it has one."""
-    if isinstance(targets, OnlineTeacher) and (teacher is None or targets.teacher.model is teacher):
-        return targets.teacher
-    if teacher is None:
-        raise KdpipeError("this distillation method needs the teacher model itself (it reads its feature maps).")
-    return teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
 
 
 def forward_with_features(model: nn.Module, images: torch.Tensor,
@@ -73,3 +67,38 @@ def probe_channels(model: nn.Module, names: Sequence[str], input_shape: Sequence
     finally:
         model.train(was_training)
     return [f.shape[1] for f in feats]
+
+
+def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Zagoruyko & Komodakis' spatial attention ``mean_c |f|^p`` (N×H×W), in float32."""
+    return features.float().abs().pow(p).mean(dim=1)
+
+
+def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                            p: float = 2.0) -> torch.Tensor:
+    """One stage pair: ``mean_n mean_j (q_s[n, j] - q_t[n, j])²`` with ``q = a / ‖a‖₂`` the
+    flattened, L2-normalised attention maps (the authors' code's reduction). The teacher's map is
+    resized to the student's size (:func:`~kdpipe.distill.losses.resize_map`) before normalising."""
+    a_s = attention_map(student_features, p)
+    a_t = resize_map(attention_map(teacher_features, p).unsqueeze(1), tuple(a_s.shape[-2:])).squeeze(1)
+    q_s = F.normalize(a_s.flatten(1), dim=1)
+    q_t = F.normalize(a_t.flatten(1), dim=1)
+    return (q_s - q_t).pow(2).mean()
+
+
+class AttentionTerms(nn.Module):
+    """``β/2 · Σ_pairs attention_transfer_loss`` between the student and the live teacher,
+    over the stage pairs of :func:`pair_stages`."""
+
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher, beta: float, p: float) -> None:
+        super().__init__()
+        self.teacher, self.beta, self.p = teacher, beta, p
+        self.pairs = pair_stages(student.feature_names, teacher.model.feature_names)
+
+    def forward(self, student: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Student logits, teacher logits and the weighted attention-transfer term."""
+        s_names, t_names = zip(*self.pairs)
+        logits, s_feats = forward_with_features(student, images, s_names)
+        t_logits, t_feats = forward_with_features(self.teacher, images, t_names)
+        at = sum(attention_transfer_loss(fs, ft, self.p) for fs, ft in zip(s_feats, t_feats))
+        return logits, t_logits, self.beta / 2 * at

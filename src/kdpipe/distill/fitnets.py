@@ -13,40 +13,51 @@ to the student's (area when shrinking, bilinear when enlarging). β is ``kd.fitn
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdpipe.config import FitnetsConfig
-from kdpipe.distill.base import Objective, register
-from kdpipe.distill.features import forward_with_features, frozen_teacher, pair_stages, probe_channels
-from kdpipe.distill.losses import hint_loss
-from kdpipe.distill.targets import TeacherLogits
-from kdpipe.errors import KdpipeError
+from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
+from kdpipe.distill.features import forward_with_features, pair_stages, probe_channels
+from kdpipe.distill.losses import label_ce, resize_map
+from kdpipe.validation import fail
 
 
-@register("fitnets")
+@dataclass(frozen=True)
+class FitnetsSettings(MethodSettings):
+    beta: float = 100.0  # weight of the hint (MSE) term
+
+    def check(self, key: str) -> None:
+        if self.beta < 0:
+            fail(f"{key}.beta", self.beta, "a number >= 0")
+
+
+def hint_loss(regressed_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNets' hint: mean squared error between the regressed student features and the
+    teacher's (resized to the student's spatial size), averaged over every element."""
+    target = resize_map(teacher_features.float(), tuple(regressed_student.shape[-2:]))
+    return F.mse_loss(regressed_student.float(), target)
+
+@METHODS.register("fitnets", FitnetsSettings, needs_teacher_module=True)
 class FitNets(Objective):
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, targets: TeacherLogits | None = None,
-                 input_shape: Sequence[int] | None = None, beta: float | None = None, kd=None,
-                 label_smoothing: float = 0.0, **_: object) -> None:
-        super().__init__(student)
-        if input_shape is None:
-            raise KdpipeError("fitnets needs the input shape (C, H, W) to size its regressor.")
-        self.teacher = frozen_teacher(teacher, targets)
-        self.beta = (kd.fitnets if kd is not None else FitnetsConfig()).beta if beta is None else beta
+    def __init__(self, inputs: MethodInputs, settings: FitnetsSettings) -> None:
+        super().__init__(inputs.student)
+        student = inputs.student
+        self.teacher = inputs.teacher.require_module("fitnets")
+        self.beta = settings.beta
         pairs = pair_stages(student.feature_names, self.teacher.model.feature_names)
         self.student_layer, self.teacher_layer = pairs[(len(pairs) - 1) // 2]
-        (c_s,) = probe_channels(student, [self.student_layer], input_shape)
-        (c_t,) = probe_channels(self.teacher, [self.teacher_layer], input_shape)
+        (c_s,) = probe_channels(student, [self.student_layer], inputs.input_shape)
+        (c_t,) = probe_channels(self.teacher, [self.teacher_layer], inputs.input_shape)
         self.regressor = nn.Sequential(nn.Conv2d(c_s, c_t, kernel_size=1, bias=False), nn.BatchNorm2d(c_t))
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = inputs.label_smoothing
 
     def forward_train(self, images, labels, batch):
         logits, (f_s,) = forward_with_features(self.student, images, [self.student_layer])
         _, (f_t,) = forward_with_features(self.teacher, images, [self.teacher_layer])
         return logits, {
-            "ce": F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing),
+            "ce": label_ce(logits, labels, self.label_smoothing),
             "hint": self.beta * hint_loss(self.regressor(f_s), f_t),
         }

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import nn
+from dataclasses import dataclass
+from typing import Literal
 
-from kdpipe.distill.base import Objective, register
-from kdpipe.distill.losses import soft_kl
-from kdpipe.distill.targets import TeacherLogits
+from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
+from kdpipe.distill.losses import label_ce, soft_kl
+from kdpipe.validation import derived
 
 
-@register("logit")
+@dataclass(frozen=True)
+class LogitSettings(MethodSettings):
+    temperature: float = derived()
+    alpha: float = derived()
+    teacher_targets: Literal["cached", "online"] = derived()
+
+
+@METHODS.register("logit", LogitSettings)
 class LogitKD(Objective):
-    def __init__(self, student: nn.Module, targets: TeacherLogits, temperature: float, alpha: float,
-                 label_smoothing: float = 0.0, **_: object) -> None:
-        super().__init__(student)
-        self.targets = targets
-        self.temperature, self.alpha, self.label_smoothing = temperature, alpha, label_smoothing
+    def __init__(self, inputs: MethodInputs, settings: LogitSettings) -> None:
+        super().__init__(inputs.student)
+        self.targets = inputs.teacher
+        self.temperature, self.alpha = settings.temperature, settings.alpha
+        self.label_smoothing = inputs.label_smoothing
 
     def forward_train(self, images, labels, batch):
         logits = self.student(images)
         teacher_logits = self.targets(images, batch)
         return logits, {
             "kd": self.alpha * soft_kl(logits, teacher_logits, self.temperature),
-            "ce": (1 - self.alpha) * F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing),
+            "ce": (1 - self.alpha) * label_ce(logits, labels, self.label_smoothing),
         }

@@ -4,50 +4,70 @@ softened outputs,
     p_ens = 1/K · Σ_k softmax(z_k / T)
     loss  = α · T² · KL(p_ens ‖ softmax(z_s / T)) + (1 − α) · CE(labels)
 
-The ensemble is the pipeline's own teacher (its logits read through ``targets``, cached or
-online) plus every kdpipe model file in ``kd.teachers`` (they live under ``teachers/ensemble/``,
-which the distill stages declare as a DVC dependency; ``dvc add`` them there). Extra teachers
-run online; each gets the batch re-normalised with its own saved statistics and resized to its
-own input size, so teachers trained on differently prepared copies of the data set still see
-the images they expect. They must predict the same classes.
+The ensemble is the pipeline's own teacher (its logits read from the teacher targets, cached
+or online) plus every kdpipe model file in ``kd.multi_teacher.teachers`` (they live under
+``teachers/ensemble/``, which the distill stages declare as a DVC dependency; ``dvc add`` them
+there). Extra teachers run online; each gets the batch re-normalised with its own saved
+statistics and resized to its own input size (:class:`~kdpipe.models.adapt.InputAdapter`), so
+teachers trained on differently prepared copies of the data set still see the images they
+expect. They must predict the same classes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdpipe import models
-from kdpipe.distill.base import FrozenTeacher, Objective, register
-from kdpipe.distill.losses import ensemble_log_probs, soft_kl_log_target
-from kdpipe.distill.targets import TeacherLogits
+from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
+from kdpipe.distill.losses import label_ce
+from kdpipe.distill.targets import FrozenTeacher, TeacherLogits
 from kdpipe.errors import KdpipeError
+from kdpipe.models.adapt import InputAdapter, renormalize_affine
+from kdpipe.validation import derived, fail, under
+
+ENSEMBLE_DIR = "teachers/ensemble"  # the folder the distill stages declare as a DVC dependency
 
 
-class Renormalized(nn.Module):
-    """Feeds ``model`` inputs normalised with its own statistics and at its own size."""
+@dataclass(frozen=True)
+class MultiTeacherSettings(MethodSettings):
+    teachers: list[str] = field(default_factory=list)  # extra kdpipe model files under teachers/ensemble/
+    temperature: float = derived()
+    alpha: float = derived()
+    teacher_targets: Literal["cached", "online"] = derived()
 
-    def __init__(self, model: nn.Module, from_mean: Sequence[float], from_std: Sequence[float],
-                 to_mean: Sequence[float], to_std: Sequence[float], image_size: int) -> None:
-        super().__init__()
-        self.model, self.image_size = model, image_size
-        shape = (1, -1, 1, 1)
-        fm, fs = torch.tensor(from_mean).view(shape), torch.tensor(from_std).view(shape)
-        tm, ts = torch.tensor(to_mean).view(shape), torch.tensor(to_std).view(shape)
-        self.register_buffer("scale", fs / ts, persistent=False)
-        self.register_buffer("shift", (fm - tm) / ts, persistent=False)
+    def check(self, key: str) -> None:
+        for path in self.teachers:
+            if not under(path, ENSEMBLE_DIR) or not path.endswith(".pt"):
+                fail(f"{key}.teachers", path, f"a kdpipe model file (.pt) under {ENSEMBLE_DIR}/, "
+                     "the folder the distill stages declare as a DVC dependency")
+        if len(set(self.teachers)) != len(self.teachers):
+            fail(f"{key}.teachers", self.teachers, "a list without repeats")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=min(x.shape[-2:]) > self.image_size)
-        return self.model(x)
+    def check_selected(self, key: str) -> None:
+        if not self.teachers:
+            fail(f"{key}.teachers", self.teachers,
+                 f"at least one extra teacher under {ENSEMBLE_DIR}/ when kd.methods has multi_teacher "
+                 "(the pipeline's own teacher is always part of the ensemble)")
 
+
+def ensemble_log_probs(teacher_logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """log of the average of the teachers' softened outputs, ``log mean_k softmax(z_k / T)``."""
+    stacked = torch.stack([F.log_softmax(z.float() / temperature, dim=1) for z in teacher_logits])
+    return torch.logsumexp(stacked, dim=0) - math.log(len(teacher_logits))
+
+
+def soft_kl_log_target(student_logits: torch.Tensor, log_p_target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``soft_kl`` against a target given as log-probabilities at temperature T (e.g. an ensemble)."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    return F.kl_div(log_p_s, log_p_target.float(), reduction="batchmean", log_target=True) * (t * t)
 
 def load_extra_teachers(paths: Sequence[str], meta: dict[str, Any]) -> list[nn.Module]:
     """Load kdpipe model files as teachers for data described by ``meta`` (prepared data's meta)."""
@@ -56,12 +76,13 @@ def load_extra_teachers(paths: Sequence[str], meta: dict[str, Any]) -> list[nn.M
         model, info = models.load(path)
         pre = info["preprocessing"]
         if list(info["class_names"]) != list(meta["class_names"]):
-            raise KdpipeError(f"kd.teachers entry {path!r} predicts classes {info['class_names']}, not this data "
-                              f"set's {meta['class_names']}; use a teacher trained on the same data set.")
+            raise KdpipeError(f"kd.multi_teacher.teachers entry {path!r} predicts classes {info['class_names']}, "
+                              f"not this data set's {meta['class_names']}; use a teacher trained on the same data set.")
         if int(pre["channels"]) != int(meta["channels"]):
-            raise KdpipeError(f"kd.teachers entry {path!r} takes {pre['channels']}-channel images, this data set has "
-                              f"{meta['channels']}; use a teacher trained on the same data set.")
-        teachers.append(Renormalized(model, meta["mean"], meta["std"], pre["mean"], pre["std"], int(pre["image_size"])))
+            raise KdpipeError(f"kd.multi_teacher.teachers entry {path!r} takes {pre['channels']}-channel images, "
+                              f"this data set has {meta['channels']}; use a teacher trained on the same data set.")
+        scale, shift = renormalize_affine(meta["mean"], meta["std"], pre["mean"], pre["std"])
+        teachers.append(nn.Sequential(InputAdapter(scale, shift, int(pre["image_size"])), model))
     return teachers
 
 
@@ -84,17 +105,13 @@ class MultiTeacherKD(Objective):
         target = ensemble_log_probs(self.teacher_logits(images, batch), self.temperature)
         return logits, {
             "kd": self.alpha * soft_kl_log_target(logits, target, self.temperature),
-            "ce": (1 - self.alpha) * F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing),
+            "ce": (1 - self.alpha) * label_ce(logits, labels, self.label_smoothing),
         }
 
 
-@register("multi_teacher")
-def multi_teacher(student: nn.Module, targets: TeacherLogits, temperature: float, alpha: float, kd=None,
-                  meta: dict[str, Any] | None = None, extra_teachers: Sequence[nn.Module] | None = None,
-                  label_smoothing: float = 0.0, **_: object) -> MultiTeacherKD:
-    """The pipeline's factory: extra teachers from ``kd.teachers`` unless given as modules."""
-    if extra_teachers is None:
-        if kd is None or meta is None:
-            raise KdpipeError("multi_teacher needs kd.teachers and the prepared data's description to load them.")
-        extra_teachers = load_extra_teachers(kd.teachers, meta)
-    return MultiTeacherKD(student, targets, extra_teachers, temperature, alpha, label_smoothing)
+@METHODS.register("multi_teacher", MultiTeacherSettings)
+def multi_teacher(inputs: MethodInputs, settings: MultiTeacherSettings) -> MultiTeacherKD:
+    """The pipeline's teacher plus the extra teachers of ``kd.multi_teacher.teachers``."""
+    extra = load_extra_teachers(settings.teachers, inputs.meta)
+    return MultiTeacherKD(inputs.student, inputs.teacher, extra, settings.temperature, settings.alpha,
+                          inputs.label_smoothing)

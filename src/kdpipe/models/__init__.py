@@ -1,7 +1,10 @@
-"""Teachers and students behind one registry; ``load(path)`` rebuilds a saved model."""
+"""Teachers and students behind one registry; ``load(path)`` rebuilds a saved model.
 
-from kdpipe.models import mobilenet, resnet, student, vea  # noqa: F401  (register architectures)
+Every module of this package is imported by the registry on first use, so an architecture
+file registers itself (:func:`kdpipe.models.registry.register`).
+"""
+
 from kdpipe.models.features import FeatureTap
-from kdpipe.models.registry import MODELS, build, count_params, load, save, size_mb
+from kdpipe.models.registry import MODELS, arch_params, build, count_params, load, save, size_mb
 
-__all__ = ["MODELS", "FeatureTap", "build", "count_params", "load", "save", "size_mb"]
+__all__ = ["MODELS", "FeatureTap", "arch_params", "build", "count_params", "load", "save", "size_mb"]

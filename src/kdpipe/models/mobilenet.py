@@ -23,8 +23,9 @@ offline); :func:`load_pretrained` is called once by the teacher stage.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,38 @@ from torchvision.models import MobileNet_V2_Weights
 from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 
 from kdpipe.errors import KdpipeError
+from kdpipe.models.adapt import InputAdapter, renormalize_affine
 from kdpipe.models.registry import register
+from kdpipe.validation import Settings, fail, under
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = 224
+PRETRAINED_DIR = "teachers/pretrained"  # the folder train_teacher declares as a DVC dependency
+
+
+@dataclass(frozen=True)
+class MobileNetSettings(Settings):
+    pretrained: Optional[Literal["imagenet"]] = None  # needs network, else use weights_path
+    freeze_backbone: bool = False  # train only the classifier of a pretrained teacher
+    weights_path: Optional[str] = None  # a local torchvision state_dict under teachers/pretrained/
+    input_size: Optional[int] = None  # images resized to this inside the model (null: 224)
+
+    def check(self, key: str) -> None:
+        if self.input_size is not None and not 32 <= self.input_size <= 512:
+            fail(f"{key}.input_size", self.input_size, "null (224) or an integer between 32 and 512")
+        if self.weights_path is not None and not under(self.weights_path, PRETRAINED_DIR):
+            fail(f"{key}.weights_path", self.weights_path,
+                 f"a file under {PRETRAINED_DIR}/, the folder train_teacher declares as a DVC dependency")
+        if self.freeze_backbone and self.pretrained is None and self.weights_path is None:
+            fail(f"{key}.freeze_backbone", self.freeze_backbone,
+                 f"false unless {key}.pretrained or {key}.weights_path gives pretrained weights to freeze")
+
+
+def _arch_params(settings: MobileNetSettings, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The data set's statistics let the model map its inputs to what ImageNet weights expect."""
+    return {"input_size": settings.input_size or DEFAULT_INPUT_SIZE, "freeze_backbone": settings.freeze_backbone,
+            "data_mean": list(meta["mean"]) if meta else None, "data_std": list(meta["std"]) if meta else None}
 
 
 class MobileNetV2Teacher(nn.Module):
@@ -57,8 +85,7 @@ class MobileNetV2Teacher(nn.Module):
         self.features = net.features
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.last_channel, num_classes))
         scale, shift = _input_affine(in_channels, data_mean, data_std)
-        self.register_buffer("input_scale", scale.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("input_shift", shift.view(1, -1, 1, 1), persistent=False)
+        self.adapter = InputAdapter(scale, shift, input_size, repeat_to=3 if in_channels == 1 else None)
         if freeze_backbone:
             for p in self.features.parameters():
                 p.requires_grad_(False)
@@ -70,13 +97,7 @@ class MobileNetV2Teacher(nn.Module):
         return self
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_channels == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
-                              antialias=min(x.shape[-2:]) > self.input_size)
-        return x
+        return self.adapter(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.adapt_input(x))
@@ -92,11 +113,11 @@ def _input_affine(in_channels: int, data_mean: Sequence[float] | None,
         return torch.ones(channels), torch.zeros(channels)
     mean_d = torch.tensor(list(data_mean), dtype=torch.float32).expand(3)
     std_d = torch.tensor(list(data_std), dtype=torch.float32).expand(3)
-    mean_i, std_i = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    return std_d / std_i, (mean_d - mean_i) / std_i
+    return renormalize_affine(mean_d, std_d, IMAGENET_MEAN, IMAGENET_STD)
 
 
-@register("mobilenet_v2")
+@register("mobilenet_v2", MobileNetSettings, roles=("teacher",), arch_params=_arch_params,
+          initialize=lambda model, settings: load_pretrained(model, settings.pretrained, settings.weights_path))
 def mobilenet_v2(in_channels: int, num_classes: int, image_size: int, input_size: int = DEFAULT_INPUT_SIZE,
                  data_mean: Sequence[float] | None = None, data_std: Sequence[float] | None = None,
                  freeze_backbone: bool = False) -> nn.Module:

@@ -11,25 +11,37 @@ from torch import nn
 
 from kdpipe.errors import KdpipeError
 from kdpipe.io import load_torch, save_torch
+from kdpipe.plugins import Registry
+from kdpipe.validation import as_dict
 
 Builder = Callable[..., nn.Module]
-MODELS: dict[str, Builder] = {}
+MODELS: Registry[Builder] = Registry("architecture", "arch", "kdpipe.models")
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    def wrap(fn: Builder) -> Builder:
-        MODELS[name] = fn
-        return fn
+def register(name: str, settings: type, roles: tuple[str, ...], **info: Any) -> Callable[[Builder], Builder]:
+    """Register an architecture: ``builder(in_channels, num_classes, image_size, **arch_params)``
+    with ``settings`` its ``teacher.<name>`` / ``student.<name>`` section, usable in ``roles``.
 
-    return wrap
+    ``arch_params(settings, meta)`` (in ``info``) turns settings into the builder's keyword
+    arguments, which model files store; by default they are the settings' fields.
+    """
+    return MODELS.register(name, settings, roles=roles, **info)
+
+
+def arch_params(arch: str, settings: Any, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The builder keywords for ``arch`` built with ``settings`` on data described by ``meta``."""
+    plugin = MODELS.get(arch)
+    convert = plugin.info.get("arch_params")
+    return dict(convert(settings, meta)) if convert else as_dict(settings)
 
 
 def build(arch: str, in_channels: int, num_classes: int, image_size: int, **arch_params: Any) -> nn.Module:
     """Build ``arch``; every model exposes ``feature_names`` (modules whose outputs are
     the feature maps that feature-based distillation taps)."""
     if arch not in MODELS:
-        raise KdpipeError(f"unknown architecture {arch!r}; known: {', '.join(sorted(MODELS))}.")
-    model = MODELS[arch](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **arch_params)
+        raise KdpipeError(f"unknown architecture {arch!r}; known: {', '.join(MODELS.names())}.")
+    model = MODELS.get(arch).factory(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                                     **arch_params)
     missing = [n for n in model.feature_names if n not in dict(model.named_modules())]
     assert not missing, f"{arch} names feature layers it does not have: {missing}"
     return model

@@ -10,12 +10,24 @@ laptop CPU can train on CIFAR-10 in minutes rather than hours. Blocks are torchv
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from kdpipe.models.registry import register
+from kdpipe.validation import Settings, fail
 
 STANDARD_WIDTH = 64
+
+
+@dataclass(frozen=True)
+class ResNetSettings(Settings):
+    width: int = STANDARD_WIDTH  # first-stage channels (64: the standard ResNet-18; 32, 16: cheaper)
+
+    def check(self, key: str) -> None:
+        if not 8 <= self.width <= 256:
+            fail(f"{key}.width", self.width, "an integer between 8 and 256 (64: the standard ResNet-18)")
 
 
 def _stage(in_planes: int, planes: int, stride: int) -> nn.Sequential:
@@ -55,6 +67,6 @@ class SmallImageResNet18(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-@register("resnet18")
+@register("resnet18", ResNetSettings, roles=("teacher",))
 def resnet18(in_channels: int, num_classes: int, image_size: int, width: int = STANDARD_WIDTH) -> nn.Module:
     return SmallImageResNet18(in_channels, num_classes, width)

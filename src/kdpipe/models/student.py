@@ -7,9 +7,27 @@ block before the pool; 1 keeps the seeds' design and the layout of older model f
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from torch import nn
 
 from kdpipe.models.registry import register
+from kdpipe.validation import Settings, fail
+
+
+@dataclass(frozen=True)
+class StudentCnnSettings(Settings):
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels of the Conv-BN-ReLU-MaxPool blocks
+    convs_per_block: int = 1  # depth: Conv-BN-ReLU layers per block
+    dropout: float = 0.2
+
+    def check(self, key: str) -> None:
+        if not self.widths or any(w <= 0 for w in self.widths):
+            fail(f"{key}.widths", self.widths, "a non-empty list of integers > 0")
+        if not 1 <= self.convs_per_block <= 8:
+            fail(f"{key}.convs_per_block", self.convs_per_block, "an integer between 1 and 8")
+        if not 0 <= self.dropout < 1:
+            fail(f"{key}.dropout", self.dropout, "a number in [0, 1)")
 
 
 class StudentCNN(nn.Module):
@@ -35,7 +53,7 @@ class StudentCNN(nn.Module):
         return self.head(self.blocks(x))
 
 
-@register("student_cnn")
+@register("student_cnn", StudentCnnSettings, roles=("student",))
 def student_cnn(in_channels: int, num_classes: int, image_size: int, widths: list[int] = (32, 64, 128),
                 dropout: float = 0.2, convs_per_block: int = 1) -> nn.Module:
     return StudentCNN(in_channels, num_classes, image_size, list(widths), dropout, convs_per_block)

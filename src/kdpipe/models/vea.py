@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdpipe.models.registry import register
-from kdpipe.models.resnet import STANDARD_WIDTH, SmallImageResNet18
+from kdpipe.models.resnet import STANDARD_WIDTH, ResNetSettings, SmallImageResNet18
 
 
 class SpatialAttention(nn.Module):
@@ -61,6 +61,6 @@ class VeaResNet18(SmallImageResNet18):
             setattr(self, name, AttendedStage(getattr(self, name), channels))
 
 
-@register("vea_resnet18")
+@register("vea_resnet18", ResNetSettings, roles=("teacher",))
 def vea_resnet18(in_channels: int, num_classes: int, image_size: int, width: int = STANDARD_WIDTH) -> nn.Module:
     return VeaResNet18(in_channels, num_classes, width)

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdpipe.config import DataConfig
 from kdpipe.data.images import resize_uint8
-from kdpipe.data.sources import RawDataset
+from kdpipe.data.sources import RawDataset, register
+from kdpipe.plugins import NoSettings
 
 DEFAULT_IMAGE_SIZE = 8
 RAW_FILE = "digits.npz"
 
 
-def download(raw_dir: Path, cfg: DataConfig) -> dict:
+def download(raw_dir: Path, settings: NoSettings) -> dict:
     """Copy the data set out of scikit-learn into ``raw_dir`` as uint8 1×8×8 images."""
     from sklearn.datasets import load_digits
 
@@ -32,14 +32,17 @@ def download(raw_dir: Path, cfg: DataConfig) -> dict:
     return {"source": "sklearn.datasets.load_digits", "images": int(len(labels))}
 
 
-def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
+def load(raw_dir: Path, settings: NoSettings, size: int) -> RawDataset:
     with np.load(raw_dir / RAW_FILE, allow_pickle=False) as raw:
         images = torch.from_numpy(raw["images"])
         labels = torch.from_numpy(raw["labels"])
         class_names = [str(c) for c in raw["class_names"]]
     return RawDataset(
-        train_images=resize_uint8(images, cfg.image_size or DEFAULT_IMAGE_SIZE),
+        train_images=resize_uint8(images, size),
         train_labels=labels,
         class_names=class_names,
         flip=False,  # a mirrored 2 or 5 is not a digit
     )
+
+
+register("digits", NoSettings, download, load, DEFAULT_IMAGE_SIZE)  # no settings: data.digits is {}

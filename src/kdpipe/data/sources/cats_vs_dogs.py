@@ -25,18 +25,29 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from kdpipe.config import DataConfig
 from kdpipe.data.images import read_image, stack_chw
-from kdpipe.data.sources import RawDataset
+from kdpipe.data.sources import RawDataset, register
 from kdpipe.errors import KdpipeError
+from kdpipe.validation import Settings, fail
 
 DEFAULT_IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class CatsVsDogsSettings(Settings):
+    data_dir: Optional[str] = None  # a TFDS data_dir to copy cats_vs_dogs from (null: download and prepare it with TFDS)
+    max_per_class: Optional[int] = None  # use at most this many images per class (null: all)
+
+    def check(self, key: str) -> None:
+        if self.max_per_class is not None and self.max_per_class <= 0:
+            fail(f"{key}.max_per_class", self.max_per_class, "null or an integer > 0")
 TFDS_NAME = "cats_vs_dogs"
 MISSING_EXTRA = (
     "the cats_vs_dogs data set needs TensorFlow Datasets; install the optional extra with "
@@ -71,9 +82,8 @@ def _prepare_with_tfds(builder: Any, where: str) -> None:
         ) from None
 
 
-def download(raw_dir: Path, cfg: DataConfig) -> dict:
+def download(raw_dir: Path, settings: CatsVsDogsSettings) -> dict:
     tfds = tfds_module()
-    settings = cfg.cats_vs_dogs
     raw_dir.mkdir(parents=True, exist_ok=True)
     if settings.data_dir:
         source_dir = Path(settings.data_dir).expanduser()
@@ -91,10 +101,9 @@ def download(raw_dir: Path, cfg: DataConfig) -> dict:
     return {"origin": origin, "tfds_version": str(builder.version)}
 
 
-def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
+def load(raw_dir: Path, settings: CatsVsDogsSettings, size: int) -> RawDataset:
     tfds = tfds_module()
-    size = cfg.image_size or DEFAULT_IMAGE_SIZE
-    cap = cfg.cats_vs_dogs.max_per_class
+    cap = settings.max_per_class
     try:
         builder = tfds.builder(TFDS_NAME, data_dir=str(raw_dir))
         class_names = list(builder.info.features["label"].names)
@@ -131,3 +140,6 @@ def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
         flip=True,  # a mirrored cat is still a cat
         skipped=skipped,
     )
+
+
+register("cats_vs_dogs", CatsVsDogsSettings, download, load, DEFAULT_IMAGE_SIZE)

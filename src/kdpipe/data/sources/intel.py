@@ -23,19 +23,33 @@ import io
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from kdpipe.config import DataConfig
 from kdpipe.data.archives import extract
 from kdpipe.data.images import read_image, stack_chw
-from kdpipe.data.sources import RawDataset
+from kdpipe.data.sources import RawDataset, register
 from kdpipe.errors import KdpipeError
+from kdpipe.validation import Settings, fail
 
 DEFAULT_IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class IntelSettings(Settings):
+    kaggle_dataset: str = "puneet6060/intel-image-classification"
+    zip_path: Optional[str] = None  # a local copy of the Kaggle zip, for offline machines (null: Kaggle API)
+    max_per_class: Optional[int] = None  # use at most this many images per class and split (null: all)
+
+    def check(self, key: str) -> None:
+        if "/" not in self.kaggle_dataset:
+            fail(f"{key}.kaggle_dataset", self.kaggle_dataset, "'owner/dataset'")
+        if self.max_per_class is not None and self.max_per_class <= 0:
+            fail(f"{key}.max_per_class", self.max_per_class, "null or an integer > 0")
 SPLIT_DIRS = {"train": "seg_train", "test": "seg_test"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 SECRET_ENV = ("KAGGLE_API_TOKEN", "KAGGLE_KEY")
@@ -146,8 +160,7 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-def download(raw_dir: Path, cfg: DataConfig) -> dict:
-    settings = cfg.intel
+def download(raw_dir: Path, settings: IntelSettings) -> dict:
     raw_dir.mkdir(parents=True, exist_ok=True)
     if settings.zip_path:
         archive = Path(settings.zip_path).expanduser()
@@ -181,8 +194,7 @@ def _image_files(folder: Path, limit: int | None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
-    size = cfg.image_size or DEFAULT_IMAGE_SIZE
+def load(raw_dir: Path, settings: IntelSettings, size: int) -> RawDataset:
     roots = {split: split_root(raw_dir, split) for split in SPLIT_DIRS}
     class_names = _class_dirs(roots["train"])
     if not class_names:
@@ -194,7 +206,7 @@ def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split, root in roots.items():
         files = [(label, path) for label, name in enumerate(class_names) if (root / name).is_dir()
-                 for path in _image_files(root / name, cfg.intel.max_per_class)]
+                 for path in _image_files(root / name, settings.max_per_class)]
         images, labels = [], []
         for label, path in tqdm(files, desc=f"decoding Intel {split}", unit="img", mininterval=1.0):
             image = read_image(path, size)
@@ -215,3 +227,6 @@ def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
         test_labels=tensors["test"][1],
         skipped=skipped,
     )
+
+
+register("intel", IntelSettings, download, load, DEFAULT_IMAGE_SIZE)

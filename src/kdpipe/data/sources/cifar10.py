@@ -18,6 +18,7 @@ import hashlib
 import io
 import pickle
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kdpipe.config import DataConfig
 from kdpipe.data.archives import extract
 from kdpipe.data.fetch import download_file
 from kdpipe.data.images import resize_uint8
-from kdpipe.data.sources import RawDataset
+from kdpipe.data.sources import RawDataset, register
 from kdpipe.errors import KdpipeError
+from kdpipe.validation import Settings, fail
 from kdpipe.io import file_digest, read_json, write_json
 
 DEFAULT_IMAGE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Cifar10Settings(Settings):
+    url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # or file:// or a local path
+    md5: str = "c58f30108f718f92721af3b95e74349a"
+
+    def check(self, key: str) -> None:
+        scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
+        if not self.url.strip() or scheme not in ("", "http", "https", "file"):
+            fail(f"{key}.url", self.url, "an http(s):// or file:// URL or a local path")
+        if len(self.md5) != 32 or any(c not in "0123456789abcdef" for c in self.md5.lower()):
+            fail(f"{key}.md5", self.md5, "a 32-character hexadecimal md5")
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"
 MANIFEST = "checksums.json"
@@ -80,8 +94,7 @@ def _batch_names(folder: Path) -> list[str]:
     return [META, *train, TEST_BATCH]
 
 
-def download(raw_dir: Path, cfg: DataConfig) -> dict:
-    settings = cfg.cifar10
+def download(raw_dir: Path, settings: Cifar10Settings) -> dict:
     raw_dir.mkdir(parents=True, exist_ok=True)
     archive = download_file(settings.url, raw_dir / ARCHIVE, settings.md5, "data.cifar10", desc="CIFAR-10")
     # Only a complete archive whose md5 matched gets here.
@@ -131,7 +144,7 @@ def _to_tensors(batch: Any, path: Path, classes: int) -> tuple[torch.Tensor, tor
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
-def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
+def load(raw_dir: Path, settings: Cifar10Settings, size: int) -> RawDataset:
     folder = raw_dir / FOLDER
     if not (raw_dir / MANIFEST).is_file():
         raise KdpipeError(f"{raw_dir / MANIFEST} not found; run the download stage first (dvc repro download).")
@@ -147,7 +160,6 @@ def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
         else:
             train_parts.append(tensors)
     assert test is not None
-    size = cfg.image_size or DEFAULT_IMAGE_SIZE
     return RawDataset(
         train_images=resize_uint8(torch.cat([p[0] for p in train_parts]), size),
         train_labels=torch.cat([p[1] for p in train_parts]),
@@ -156,3 +168,6 @@ def load(raw_dir: Path, cfg: DataConfig) -> RawDataset:
         test_images=resize_uint8(test[0], size),
         test_labels=test[1],
     )
+
+
+register("cifar10", Cifar10Settings, download, load, DEFAULT_IMAGE_SIZE)

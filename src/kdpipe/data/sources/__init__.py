@@ -1,0 +1,64 @@
+"""The registry of data sources: one module of this package per source.
+
+A source knows how to fetch its raw files into ``data/raw/<name>/`` (``download``) and how
+to read them back as uint8 tensors at the configured image size (``load``). Everything
+after that (splitting, statistics, the on-disk prepared format) is shared: see
+:mod:`kdpipe.data.prepare`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kdpipe.plugins import Registry
+
+
+@dataclass
+class RawDataset:
+    """What a source hands to ``prepare``: uint8 N×C×H×W images and int64 labels.
+
+    ``test_*`` is the source's official test split, or None when it has none (then
+    ``prepare`` carves one out of ``train``). ``flip`` says whether a horizontal flip keeps
+    an image's label (true for photos, false for digits).
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    class_names: list[str]
+    flip: bool
+    test_images: Optional[torch.Tensor] = None
+    test_labels: Optional[torch.Tensor] = None
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data source: ``download(raw_dir, settings)`` fetches its raw files into ``raw_dir``;
+    ``load(raw_dir, settings, image_size)`` reads them back as a :class:`RawDataset` at
+    ``image_size`` (``default_image_size`` when ``data.image_size`` is null)."""
+
+    download: Callable[[Path, Any], dict]
+    load: Callable[[Path, Any, int], RawDataset]
+    default_image_size: int
+
+
+# data.name -> Source. Each module of this package registers one source under its own name;
+# optional dependencies (TensorFlow, kaggle) are imported inside the functions that need them.
+SOURCES: Registry[Source] = Registry("data source", "data.name", "kdpipe.data.sources")
+
+
+def register(name: str, settings: type, download: Callable, load: Callable, default_image_size: int) -> Source:
+    """Register the calling module as source ``name`` with ``settings`` its ``data.<name>`` section."""
+    source = Source(download, load, default_image_size)
+    SOURCES.register(name, settings, source, module=download.__module__)
+    return source
+
+
+def image_size(data_cfg: Any, source: Source) -> int:
+    """``data.image_size``, or the source's default size when it is null."""
+    return int(data_cfg.image_size or source.default_image_size)
