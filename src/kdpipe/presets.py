@@ -23,6 +23,7 @@ from typing import Any
 
 from kdpipe.config import parse_params
 from kdpipe.errors import KdpipeError
+from kdpipe.validation import flatten
 
 PRESETS_DIR = Path("conf/presets")
 PARAMS_FILE = Path("params.yaml")
@@ -41,18 +42,6 @@ def _yaml() -> Any:
 
 def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
     return sorted(p.stem for p in presets_dir.glob("*.yaml"))
-
-
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> {dotted.key: leaf value}; lists are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
 
 
 def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, Any]:
