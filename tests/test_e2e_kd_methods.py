@@ -1,7 +1,10 @@
 """End to end through real dvc commands in a throw-away copy of the project:
 
-* ``dvc repro`` with two methods (logit, attention) and tiny epochs produces both distilled
-  models and both rows in metrics/evaluation.json and reports/report.md;
+* ``dvc repro`` with three methods (logit, attention, dkd) and tiny epochs produces every
+  distilled model and its rows in metrics/evaluation.json and reports/report.md;
+* each ``distill@<method>`` re-runs only for what its method reads: ``kd.temperature`` re-trains
+  logit and dkd but not attention, ``kd.dkd.beta`` only dkd, a new entry in ``kd.methods`` only
+  the new method;
 * a 2×2 T×α sweep runs through ``dvc exp run --queue`` + ``dvc queue start`` and
   ``kdpipe sweep-report`` draws it.
 """
@@ -9,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +27,7 @@ pytestmark = pytest.mark.e2e
 
 TINY_PARAMS = {
     "teacher.epochs": 1, "teacher.batch_size": 128, "student.epochs": 1, "student.batch_size": 128,
-    "kd.methods": ["logit", "attention"],
+    "kd.methods": ["logit", "attention", "dkd"],
     "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2, "evaluate.batch_size": 512,
     "mlflow.log_models": False,
     "runtime.threads": 1,  # two shared cores: one thread each is fastest
@@ -38,19 +42,41 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A tiny-epoch copy of the project, reproduced once with kd.methods [logit, attention]."""
+    """A tiny-epoch copy of the project, reproduced and committed with kd.methods [logit, attention, dkd]."""
     root, env = make_dvc_project(tmp_path_factory.mktemp("kd_e2e"), TINY_PARAMS,
                                  env={"PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"})
     _run(["dvc", "repro"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "reproduced"], root, env)
     return root, env
 
 
-def test_repro_with_two_methods_produces_both_models_and_rows(project):
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.mark.parametrize("flags, retrained", [
+    (["-S", "kd.temperature=3"], {"distill@logit", "distill@dkd"}),  # attention does not read T
+    (["-S", "kd.dkd.beta=2"], {"distill@dkd"}),  # another method's section
+    (["-S", "kd.methods=[logit,attention,dkd,fitnets]"], {"distill@fitnets"}),  # a new method: only it trains
+])
+def test_an_experiment_retrains_only_the_methods_that_read_the_change(project, flags, retrained):
+    root, env = project
+    name = "only-" + "-".join(sorted(r.split("@")[1] for r in retrained))
+    out = _run(["dvc", "exp", "run", "-n", name, *flags], root, env).stdout
+    _run(["dvc", "exp", "remove", name], root, env)  # the sweep test below reads every experiment
+    assert {s for s in stages_run(out) if s.startswith("distill@")} == retrained, out
+    assert "kd_settings" in stages_run(out)
+    _run(["git", "checkout", "--", "."], root, env)  # back to the committed run
+    _run(["dvc", "checkout", "-q"], root, env)
+
+
+def test_repro_with_three_methods_produces_every_model_and_row(project):
     root, _ = project
-    for method in ("logit", "attention"):
+    for method in ("logit", "attention", "dkd"):
         assert (root / "models" / f"distilled_{method}.pt").is_file()
     evaluation = json.loads((root / "metrics" / "evaluation.json").read_text())
-    assert list(evaluation) == ["teacher", "baseline", "distilled_logit", "distilled_attention"]
+    assert list(evaluation) == ["teacher", "baseline", "distilled_logit", "distilled_attention", "distilled_dkd"]
     report = (root / "reports" / "report.md").read_text()
     assert "| distilled_logit |" in report and "| distilled_attention |" in report
     header = (root / "plots" / "history" / "distilled_attention.csv").read_text().splitlines()[0]
@@ -58,12 +84,14 @@ def test_repro_with_two_methods_produces_both_models_and_rows(project):
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     deps = [d["path"] for d in lock["stages"]["distill@attention"]["deps"]]
     assert "teachers/ensemble" in deps and "models/teacher.pt" in deps
+    assert "data/kd_settings/attention.json" in deps and "src/kdpipe/distill/attention.py" in deps
+    assert not any(d.endswith(("logit.py", "dkd.py", "logit.json", "dkd.json")) for d in deps)
+    params = lock["stages"]["distill@attention"]["params"]["params.yaml"]
+    assert not [key for key in params if key.split(".")[0] == "kd"]  # kd reaches it only through its own file
 
 
 def test_sweep_2x2_runs_through_the_queue_and_is_drawn(project):
     root, env = project
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "reproduced"], root, env)
     # only what the heatmap needs: logit distillation up to evaluate, no MLflow
     _run(["dvc", "exp", "run", "--queue", "evaluate", "-S", "kd.temperature=1,4", "-S", "kd.alpha=0.5,0.9",
           "-S", "kd.methods=[logit]", "-S", "mlflow.enabled=false"], root, env)

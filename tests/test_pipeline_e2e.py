@@ -20,9 +20,9 @@ from tests.dvc_project import make_dvc_project
 
 pytestmark = pytest.mark.e2e
 
-ALL_STAGES = ["download", "prepare", "train_teacher", "train_student", "teacher_targets", "distill@logit", "evaluate",
-              "report"]
-DOWNSTREAM_OF_KD = ["distill@logit", "evaluate", "report"]
+ALL_STAGES = ["download", "prepare", "train_teacher", "train_student", "teacher_targets", "kd_settings",
+              "distill@logit", "evaluate", "report"]
+DOWNSTREAM_OF_KD = ["kd_settings", "distill@logit", "evaluate", "report"]
 MODEL_KEYS = {"test_accuracy", "params", "size_mb", "latency_ms_b1", "throughput_ips"}
 STUDENT_KEYS = MODEL_KEYS | {"compression_ratio", "speedup", "accuracy_drop", "efficiency"}
 FIGURES = ["accuracy.png", "training_curves.png", "confusion_matrices.png", "predictions.png",
@@ -258,7 +258,7 @@ def test_mlflow_params_are_flattened(project, mlflow_runs):
     assert first.data.params["kd.temperature"] == "4.0"
     assert exp.data.params["kd.temperature"] == "3.0"
     assert exp.data.params["kd.alpha"] == "0.9"
-    assert exp.data.params["student.widths"] == "[32, 64, 128]"
+    assert exp.data.params["student.student_cnn.widths"] == "[32, 64, 128]"
     assert exp.data.params["teacher.epochs"] == str(TEACHER_EPOCHS)
     assert exp.data.params["data.name"] == "digits"
 
