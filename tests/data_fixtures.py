@@ -1,6 +1,7 @@
 """Tiny data sets in the real on-disk formats, made by the tests (never downloaded):
 a CIFAR-10 python archive, Kaggle's Intel zip, the Cats vs Dogs source zip and a TFDS
-data_dir built from it, plus a local HTTP server to serve them."""
+data_dir built from it, plus a local HTTP server to serve them and a fixture that hides
+any Kaggle credentials (import it by name into the test module that uses it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -33,6 +35,14 @@ def _class_images(labels: np.ndarray, side: int, channels: int, seed: int) -> np
     base = (labels[:, None] * 97 + np.arange(channels)[None, :] * 53) % 200 + 20
     noise = rng.integers(0, 40, (len(labels), side, side, channels))
     return (base[:, None, None, :] + noise).clip(0, 255).astype(np.uint8)
+
+
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as it ships: float 0..16 images (N×8×8) and their labels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images, bunch.target
 
 
 # --- CIFAR-10 -------------------------------------------------------------------------
@@ -107,6 +117,20 @@ def make_intel_zip(path: Path, per_class_train: int = 6, per_class_test: int = 2
     for i in range(3):
         members[f"seg_pred/seg_pred/{i}.jpg"] = jpeg(0, 900 + i, (30, 30))
     return write_zip(path, members)
+
+
+KAGGLE_ENV = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR", "XDG_CONFIG_HOME")
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    """An empty home and no Kaggle variables."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in KAGGLE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return home
 
 
 def make_petimages_zip(path: Path, per_class: int = 8, corrupt: int = 1738) -> Path:

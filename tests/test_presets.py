@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from kdpipe import presets
-from kdpipe.config import parse_params
-from kdpipe.data.sources import SOURCES, get_source, with_image_size
+from kdpipe.config import load_params, parse_params
+from kdpipe.data.sources import SOURCES
 from kdpipe.errors import KdpipeError
 from tests.conftest import PROJECT_ROOT
 
@@ -22,13 +22,14 @@ def params_copy(tmp_path):
 
 
 def test_one_preset_per_data_set_all_setting_the_same_keys():
-    assert presets.available(PRESETS_DIR) == sorted(SOURCES)
+    assert presets.available(PRESETS_DIR) == sorted(SOURCES.names())
     keys = presets.check_same_keys(PRESETS_DIR)
-    assert {"data.name", "data.image_size", "data.augment.flip", "teacher.arch", "teacher.epochs",
-            "student.widths", "student.epochs"} <= keys
+    assert {"data.name", "data.image_size", "data.augment.flip", "teacher.arch", "teacher.resnet18.width",
+            "teacher.epochs", "student.student_cnn.widths", "student.student_cnn.convs_per_block",
+            "student.epochs"} <= keys
 
 
-@pytest.mark.parametrize("name", sorted(SOURCES))
+@pytest.mark.parametrize("name", sorted(SOURCES.names()))
 def test_apply_keeps_comments_and_gives_valid_params(params_copy, name):
     before = params_copy.read_text()
     presets.apply(name, params_copy, PRESETS_DIR)
@@ -51,7 +52,8 @@ def test_switching_back_restores_the_values(params_copy):
     again = presets.apply("digits", params_copy, PRESETS_DIR)
     assert again == {}  # idempotent
     params = parse_params(yaml.safe_load(params_copy.read_text()))
-    assert params.data.image_size == 8 and params.student.widths == [32, 64, 128] and not params.data.augment.flip
+    assert params.data.image_size == 8 and params.student.student_cnn.widths == [32, 64, 128]
+    assert not params.data.augment.flip
 
 
 def test_flags_for_dvc_exp_run():
@@ -59,8 +61,32 @@ def test_flags_for_dvc_exp_run():
     pairs = dict(f.split("=", 1) for f in flags[1::2])
     assert flags[::2] == ["-S"] * len(pairs)
     assert pairs["data.name"] == "cifar10" and pairs["data.image_size"] == "32"
-    assert pairs["data.augment.flip"] == "true" and pairs["student.widths"] == "[32,64,128]"
+    assert pairs["data.augment.flip"] == "true" and pairs["student.student_cnn.widths"] == "[32,64,128]"
+    assert pairs["teacher.resnet18.width"] == "64"
     assert all(" " not in f for f in flags)  # safe in $(python -m kdpipe.presets cifar10 --flags)
+
+
+@pytest.mark.parametrize("name", presets.available(PRESETS_DIR))
+def test_flags_command_line_uses_the_architecture_sections(name, capsys):
+    presets.main([name, "--flags", "--presets-dir", str(PRESETS_DIR)])
+    out = capsys.readouterr().out.split()
+    assert "teacher.resnet18.width=64" in out
+    assert any(flag.startswith("student.student_cnn.widths=[") for flag in out)
+    assert not any(flag.startswith(("teacher.width=", "student.widths=")) for flag in out)  # the keys before c5fea34
+
+
+def test_every_preset_applied_to_the_shipped_params_validates(tmp_path):
+    names = presets.available(PRESETS_DIR)
+    assert names  # the shipped presets, whatever they are
+    for name in names:
+        copy = shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / f"params-{name}.yaml")
+        presets.apply(name, copy, PRESETS_DIR)
+        params = load_params(copy)  # what every stage reads: validated, or a ConfigError
+        values = presets.load_preset(name, PRESETS_DIR)
+        assert params.data.name == name and params.teacher.arch == values["teacher.arch"]
+        assert params.teacher.resnet18.width == values["teacher.resnet18.width"]
+        assert params.student.student_cnn.widths == values["student.student_cnn.widths"]
+        assert params.student.student_cnn.convs_per_block == values["student.student_cnn.convs_per_block"]
 
 
 def test_unknown_preset(params_copy):
@@ -73,13 +99,3 @@ def test_a_preset_missing_a_key_is_refused(tmp_path, params_copy):
     (broken / "intel.yaml").write_text("data:\n  name: intel\n")
     with pytest.raises(KdpipeError, match="intel.yaml does not set .*teacher.epochs"):
         presets.apply("cifar10", params_copy, broken)
-
-
-def test_exp_run_with_only_the_name_stays_meaningful():
-    """`dvc exp run -S data.name=cifar10` on the default params: the data set's own size."""
-    params = parse_params(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()))
-    sizes = {}
-    for name in SOURCES:
-        sizes[name] = with_image_size(params.data, get_source(name)).image_size
-    assert sizes == {"digits": 8, "cifar10": 32, "intel": 64, "cats_vs_dogs": 64}
-    assert params.data.augment.flip  # flipped where the source allows it (not digits)

@@ -1,4 +1,4 @@
-"""Safe extraction: an archive with one escaping member is refused whole."""
+"""Safe extraction (kdpipe.data.archives): an archive with one escaping member is refused whole."""
 
 from __future__ import annotations
 
