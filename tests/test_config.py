@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdpipe.config import ConfigError, Params, flatten, load_params, parse_params
+from kdpipe.config import ConfigError, Params, flatten, load_params, params_dict, parse_params
+from kdpipe.distill.base import METHODS, SharedKd
+from kdpipe.validation import derived_fields
 from tests.conftest import PROJECT_ROOT
 
 SHIPPED = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
@@ -69,10 +71,10 @@ INVALID = [
     ("float for int", with_value("student.epochs", 2.5), "student.epochs", "2.5"),
     ("bool for int", with_value("seed", True), "seed", "True"),
     ("string for float", with_value("kd.alpha", "high"), "kd.alpha", "'high'"),
-    ("int for list", with_value("student.widths", 32), "student.widths", "=32 "),
+    ("int for list", with_value("student.student_cnn.widths", 32), "student.student_cnn.widths", "=32 "),
     ("string for list", with_value("kd.methods", "logit"), "kd.methods", "'logit'"),
-    ("string inside int list", with_value("student.widths", [32, "64"]), "student.widths", "'64'"),
-    ("non-positive width", with_value("student.widths", [32, 0]), "student.widths", "[32, 0]"),
+    ("string inside int list", with_value("student.student_cnn.widths", [32, "64"]), "student.student_cnn.widths", "'64'"),
+    ("non-positive width", with_value("student.student_cnn.widths", [32, 0]), "student.student_cnn.widths", "[32, 0]"),
     ("string for bool", with_value("mlflow.enabled", "yes"), "mlflow.enabled", "'yes'"),
     ("scalar for section", with_value("data.augment", "none"), "data.augment", "'none'"),
     ("unknown literal", with_value("runtime.device", "tpu"), "runtime.device", "'tpu'"),
@@ -81,6 +83,17 @@ INVALID = [
     ("unknown top-level key", with_value("epochs", 3), "'epochs'", "epochs"),
     ("unknown nested key", with_value("kd.temprature", 3.0), "'kd.temprature'", "temprature"),
     ("unknown deep key", with_value("data.augment.rotate", 15), "'data.augment.rotate'", "rotate"),
+    ("unknown key in a method's section", with_value("kd.dkd.gamma", 2.0), "'kd.dkd.gamma'", "warmup_epochs"),
+    ("shared value set in a method's section", with_value("kd.logit.temperature", 2.0), "'kd.logit.temperature'",
+     "no settings"),
+    ("unknown key in an architecture's section", with_value("teacher.resnet18.depth", 34), "'teacher.resnet18.depth'",
+     "width"),
+    ("unknown key in a source's section", with_value("data.cifar10.sha1", "x"), "'data.cifar10.sha1'", "md5"),
+    ("multi_teacher without extra teachers", with_value("kd.methods", ["multi_teacher"]),
+     "kd.multi_teacher.teachers", "[]"),
+    ("resnet width out of range", with_value("teacher.resnet18.width", 4), "teacher.resnet18.width", "=4 "),
+    ("extra teacher outside teachers/ensemble", with_value("kd.multi_teacher.teachers", ["models/teacher.pt"]),
+     "kd.multi_teacher.teachers", "models/teacher.pt"),
 ]
 
 
@@ -103,6 +116,28 @@ def test_the_table_starts_from_a_valid_file():
     parse_params(without("kd.alpha"))  # a missing key takes its default
 
 
+def test_code_defaults_are_the_shipped_params_key_by_key():
+    """One set of defaults: a key left out of params.yaml means the shipped value, and every
+    key the code knows is in the shipped file (so the file documents every param)."""
+    code = flatten(params_dict(Params()))
+    shipped = flatten(SHIPPED)
+    assert sorted(code) == sorted(shipped)
+    for key, value in code.items():
+        assert value == shipped[key], f"{key}: code default {value!r}, params.yaml {shipped[key]!r}"
+    assert parse_params({}) == load_params(PROJECT_ROOT / "params.yaml")
+
+
+def test_a_method_reads_the_shared_values_it_declares_and_only_those():
+    params = parse_params(with_value("kd.temperature", 2.5))
+    assert params.kd.method("logit").temperature == 2.5
+    assert params.kd.method("dkd").temperature == 2.5
+    assert not hasattr(params.kd.method("attention"), "temperature")
+    shared = {f for f in SharedKd.__dataclass_fields__}
+    for plugin in METHODS:
+        assert set(derived_fields(plugin.settings)) <= shared, plugin.name
+    assert params_dict(params)["kd"]["logit"] == {}  # the shared value is not written into the section
+
+
 def test_shipped_params_file_is_valid_and_typed():
     params = load_params(PROJECT_ROOT / "params.yaml")
     assert isinstance(params, Params)
@@ -110,7 +145,8 @@ def test_shipped_params_file_is_valid_and_typed():
     assert params.data.image_size in (None, 8)  # null: the data set's default (8 for digits)
     assert params.teacher.arch == "resnet18"
     assert params.student.arch == "student_cnn"
-    assert params.student.widths == [32, 64, 128]
+    assert params.student.arch_settings.widths == [32, 64, 128]
+    assert params.teacher.arch_settings.width == 64
     assert isinstance(params.kd.temperature, float) and params.kd.temperature == SHIPPED["kd"]["temperature"]
     assert isinstance(params.kd.alpha, float) and 0 <= params.kd.alpha <= 1
     assert params.kd.methods == ["logit", "attention", "dkd"]  # multi_teacher needs kd.teachers
@@ -119,7 +155,7 @@ def test_shipped_params_file_is_valid_and_typed():
     # The key names other tools and docs use are all there, under their sections.
     flat = flatten(params)
     for name in ("seed", "data.name", "data.image_size", "teacher.arch", "teacher.epochs", "student.arch",
-                 "student.widths", "student.epochs", "kd.temperature", "kd.alpha"):
+                 "student.student_cnn.widths", "teacher.resnet18.width", "kd.dkd.beta", "student.epochs", "kd.temperature", "kd.alpha"):
         assert name in flat
     assert flat["kd.temperature"] == params.kd.temperature
 

@@ -42,7 +42,7 @@ class AugmentConfig(Settings):
 
 class _DataChecks(Settings):
     def check(self, key: str) -> None:
-        SOURCES.get(self.name)  # an unknown name lists the registered sources
+        SOURCES.get(self.name, f"{key}.name")  # an unknown name lists the registered sources
         if self.image_size is not None and not 4 <= self.image_size <= 512:
             fail(f"{key}.image_size", self.image_size, "null (the data set's default) or an integer between 4 and 512")
         for name in ("val_fraction", "test_fraction"):
@@ -114,7 +114,7 @@ class _ModelChecks(TrainConfig):
 
     def check(self, key: str) -> None:
         super().check(key)
-        MODELS.get(self.arch, roles=self.role)
+        MODELS.get(self.arch, f"{key}.arch", roles=self.role)
 
     @property
     def arch_settings(self) -> Any:

@@ -82,10 +82,12 @@ class Registry(Generic[T]):
                      if all(v in p.info.get(k, ()) if isinstance(p.info.get(k), (tuple, list, set))
                             else p.info.get(k) == v for k, v in where.items()))
 
-    def get(self, name: str, **where: Any) -> Plugin[T]:
+    def get(self, name: str, key: str | None = None, **where: Any) -> Plugin[T]:
+        """The plug-in ``name``; an unknown name is a ConfigError naming ``key`` (default: the
+        registry's key) and listing the registered names."""
         names = self.names(**where)
         if name not in names:
-            raise ConfigError(f"params.yaml: {self.key}={name!r} is not allowed; expected one of "
+            raise ConfigError(f"params.yaml: {key or self.key}={name!r} is not allowed; expected one of "
                               + ", ".join(names) + ".")
         return self._plugins[name]
 
