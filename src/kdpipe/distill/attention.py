@@ -15,21 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
-from kdpipe.distill.features import AttentionTerms
+from kdpipe.distill.features import AttentionTerms, AttentionTermSettings
 from kdpipe.distill.losses import label_ce
-from kdpipe.validation import fail
 
 
 @dataclass(frozen=True)
-class AttentionSettings(MethodSettings):
-    beta: float = 1000.0  # beta/2 * sum of AT terms
-    p: int = 2
-
-    def check(self, key: str) -> None:
-        if self.beta < 0:
-            fail(f"{key}.beta", self.beta, "a number >= 0")
-        if self.p <= 0:
-            fail(f"{key}.p", self.p, "an integer > 0")
+class AttentionSettings(AttentionTermSettings, MethodSettings):
+    """``kd.attention``: beta (β/2 · Σ of AT terms) and p; none of the shared kd values."""
 
 
 @METHODS.register("attention", AttentionSettings, needs_teacher_module=True)

@@ -12,24 +12,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
-from kdpipe.distill.features import AttentionTerms
+from kdpipe.distill.features import AttentionTerms, AttentionTermSettings
 from kdpipe.distill.losses import label_ce, soft_kl
-from kdpipe.validation import derived, fail
+from kdpipe.validation import derived
 
 
 @dataclass(frozen=True)
-class CombinedSettings(MethodSettings):
-    beta: float = 1000.0  # weight of the attention term, as kd.attention.beta
-    p: int = 2
+class CombinedSettings(AttentionTermSettings, MethodSettings):
+    """``kd.combined``: the attention term's beta and p, plus the shared values logit KD reads."""
+
     temperature: float = derived()
     alpha: float = derived()
     teacher_targets: Literal["cached", "online"] = derived()
-
-    def check(self, key: str) -> None:
-        if self.beta < 0:
-            fail(f"{key}.beta", self.beta, "a number >= 0")
-        if self.p <= 0:
-            fail(f"{key}.p", self.p, "an integer > 0")
 
 
 @METHODS.register("combined", CombinedSettings, needs_teacher_module=True)

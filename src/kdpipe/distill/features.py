@@ -19,6 +19,7 @@ resizing the teacher's map to the student's (:func:`kdpipe.distill.losses.resize
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from kdpipe.distill.losses import resize_map
 from kdpipe.distill.targets import FrozenTeacher
 from kdpipe.errors import KdpipeError
 from kdpipe.models.features import FeatureTap
+from kdpipe.validation import Settings, fail
 
 
 def pair_stages(student_names: Sequence[str], teacher_names: Sequence[str]) -> list[tuple[str, str]]:
@@ -84,6 +86,20 @@ def attention_transfer_loss(student_features: torch.Tensor, teacher_features: to
     q_s = F.normalize(a_s.flatten(1), dim=1)
     q_t = F.normalize(a_t.flatten(1), dim=1)
     return (q_s - q_t).pow(2).mean()
+
+
+@dataclass(frozen=True)
+class AttentionTermSettings(Settings):
+    """The attention-transfer term's weight β (of β/2 · Σ_pairs) and exponent p."""
+
+    beta: float = 1000.0
+    p: int = 2
+
+    def check(self, key: str) -> None:
+        if self.beta < 0:
+            fail(f"{key}.beta", self.beta, "a number >= 0")
+        if self.p <= 0:
+            fail(f"{key}.p", self.p, "an integer > 0")
 
 
 class AttentionTerms(nn.Module):
