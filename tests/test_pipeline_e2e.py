@@ -231,7 +231,8 @@ def mlflow_runs(project):
 def test_mlflow_has_one_run_per_stage_execution(project, mlflow_runs):
     _, runs = mlflow_runs
     names = [run.info.run_name for run in runs]
-    assert names == ALL_STAGES + DOWNSTREAM_OF_KD
+    # kd_settings is bookkeeping (it resolves params, trains and measures nothing): no run of its own
+    assert names == [s for s in ALL_STAGES + DOWNSTREAM_OF_KD if s != "kd_settings"]
     assert all(run.info.status == "FINISHED" for run in runs)
 
 
