@@ -1,14 +1,18 @@
-"""Shared fixtures: small prepared data sets made by the tests themselves."""
+"""Shared fixtures: small prepared data sets made by the tests themselves, and the one way the
+distillation tests build a KD method (its registry entry, its resolved settings, its inputs)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from kdpipe.data.prepare import PreparedData, Split
+from kdpipe.distill import METHODS, MethodInputs, OnlineTeacher, TeacherLogits
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +44,27 @@ def make_prepared(n_train: int = 64, n_val: int = 32, n_test: int = 32, channels
 @pytest.fixture
 def toy_data() -> PreparedData:
     return make_prepared()
+
+
+def method_settings(method: str, **kd: Any) -> Any:
+    """``params.kd.method(method)`` for a ``kd`` section given as keywords, e.g.
+    ``method_settings("dkd", temperature=2.0, dkd={"beta": 8.0})``."""
+    from kdpipe.config import parse_params  # here: importing config discovers every plug-in
+
+    return parse_params({"kd": kd}).kd.method(method)
+
+
+def method_inputs(student: nn.Module, teacher: nn.Module | TeacherLogits, label_smoothing: float = 0.0,
+                  input_shape: tuple[int, int, int] = (1, 8, 8), meta: dict[str, Any] | None = None) -> MethodInputs:
+    """What the distill workflow hands a method; a plain ``teacher`` model runs online."""
+    targets = teacher if isinstance(teacher, TeacherLogits) else OnlineTeacher(teacher)
+    return MethodInputs(student, targets, label_smoothing, input_shape, meta or {})
+
+
+def build_method(method: str, student: nn.Module, teacher: nn.Module | TeacherLogits, *, label_smoothing: float = 0.0,
+                 input_shape: tuple[int, int, int] = (1, 8, 8), meta: dict[str, Any] | None = None,
+                 **kd: Any) -> nn.Module:
+    """The objective the distill workflow builds: the registered factory, called with the
+    method's inputs and its settings resolved from ``kd`` (see :func:`method_settings`)."""
+    inputs = method_inputs(student, teacher, label_smoothing, input_shape, meta)
+    return METHODS.get(method).factory(inputs, method_settings(method, **kd))

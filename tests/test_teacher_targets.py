@@ -1,35 +1,50 @@
-"""Cached teacher targets are exact: distilling from the stored logits trains the very same
-student as running the teacher online (same views, same batches, same precision)."""
+"""kdpipe.teacher_targets: cached teacher targets are exact, and only used for the run they were
+made for. Distilling from the stored logits trains the very same student as running the teacher
+online (same views, same batches, same precision); a distillation run whose batches differ
+from the cache's is refused, naming what differs."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from kdpipe import models
-from kdpipe.config import AugmentConfig, RuntimeConfig, TrainConfig
-from kdpipe.data.loader import Normalizer, augmentation, train_batches
-from kdpipe.distill import OnlineTeacher
+from kdpipe import models, paths
+from kdpipe.config import parse_params
+from kdpipe.data.loader import TrainingBatches
+from kdpipe.data.prepare import SPLITS, load_prepared
+from kdpipe.distill import CachedTeacher, OnlineTeacher
 from kdpipe.distill.base import BatchContext
-from kdpipe.distill.logit import LogitKD
-from kdpipe.distill.targets import CachedTeacher
 from kdpipe.errors import KdpipeError
+from kdpipe.io import file_digest, save_torch, write_json
 from kdpipe.runtime import cpu_supports_bf16, setup_runtime
-from kdpipe.teacher_targets import (compute_teacher_logits, fingerprint, load_cached_teacher,
-                                    write_teacher_targets)
-from kdpipe.train import fit
-from tests.conftest import make_prepared
+from kdpipe.teacher_targets import (build_teacher_targets, compute_teacher_logits, fingerprint, load_cached_teacher,
+                                    teacher_source, write_teacher_targets)
+from kdpipe.train import TrainJob, fit
+from tests.conftest import build_method, make_prepared
 
-RECIPE = TrainConfig(epochs=3, batch_size=24, lr=0.05, label_smoothing=0.0, warmup_fraction=0.3)
-AUGMENT = AugmentConfig(crop_padding=2, flip=True)
+PARAMS = {"seed": 3, "student": {"epochs": 3, "batch_size": 24, "lr": 0.05, "warmup_fraction": 0.3},
+          "data": {"augment": {"crop_padding": 2, "flip": True}}, "mlflow": {"enabled": False}}
+
+
+def make_params(bf16: str = "off", **changes):
+    """``PARAMS`` with the runtime and ``changes`` (dotted keys, e.g. student__batch_size=16)."""
+    data = json.loads(json.dumps(PARAMS))
+    data["runtime"] = {"bf16": bf16, "channels_last": "on", "threads": 1}
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return parse_params(data)
 
 
 def _setup(bf16: str):
-    runtime = setup_runtime(RuntimeConfig(bf16=bf16, channels_last="on", threads=0), seed=0)
+    params = make_params(bf16)
+    runtime = setup_runtime(params.runtime, seed=0)
     data = make_prepared(n_train=80, n_val=24, n_test=8, channels=3, size=8, classes=4, flip=True)
     torch.manual_seed(1)
     teacher = models.build("resnet18", 3, 4, 8).eval()
@@ -38,43 +53,65 @@ def _setup(bf16: str):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    return runtime, data, teacher
+    return params, runtime, data, teacher
 
 
-def _distill(runtime, data, teacher, targets_factory):
+def _batches(params, data, runtime, **override):
+    settings = {"batch_size": params.student.batch_size, "augment": params.data.augment, "seed": params.seed,
+                **override}
+    return TrainingBatches.for_run(data, settings["batch_size"], settings["augment"], settings["seed"], runtime)
+
+
+def _distill(params, runtime, data, targets, method="logit"):
     torch.manual_seed(5)
     student = models.build("student_cnn", 3, 4, 8, widths=[8, 16], dropout=0.2)
-    objective = LogitKD(student, targets_factory(teacher), temperature=4.0, alpha=0.9)
+    objective = build_method(method, student, targets, temperature=4.0, alpha=0.9)
     torch.manual_seed(6)  # dropout draws
-    result = fit(objective, data, RECIPE, AUGMENT, runtime, seed=3, desc="test")
+    result = fit(TrainJob("test", objective, data, params.student, params.data.augment, runtime, params.seed))
     history = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in result.history]
     return student.state_dict(), history
 
 
-@pytest.mark.parametrize("bf16", ["off", pytest.param("on", marks=pytest.mark.skipif(
-    not cpu_supports_bf16(), reason="this CPU has no native bf16"))])
-def test_cached_targets_train_the_same_student_as_the_online_teacher(bf16):
+NO_BF16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+# src bug: in online mode CombinedKD takes the teacher's logits from its live feature pass
+# (AttentionTerms → forward_with_features on the FrozenTeacher), which runs in the *student's*
+# precision; OnlineTeacher and the cache run the teacher in *its own* (Runtime.for_model). With
+# runtime.bf16=auto on a bf16 CPU the ResNet teacher is bf16 and the tiny student fp32, so the
+# cached and the online combined students differ.
+COMBINED_PRECISION_BUG = pytest.mark.xfail(cpu_supports_bf16(), strict=True,
+                                           reason="combined online reads teacher logits in the student's precision")
+
+
+@pytest.mark.parametrize(("bf16", "method"), [
+    ("off", "logit"), ("off", "dkd"), ("off", "combined"),
+    pytest.param("on", "logit", marks=NO_BF16), pytest.param("on", "dkd", marks=NO_BF16),
+    pytest.param("on", "combined", marks=NO_BF16),
+    ("auto", "logit"), ("auto", "dkd"), pytest.param("auto", "combined", marks=COMBINED_PRECISION_BUG),
+])
+def test_cached_targets_train_the_same_student_as_the_online_teacher(bf16, method):
     """fp32 (bf16=off): identical weights and metrics. bf16=on: still identical, because the
-    cache stores the bf16 teacher's logits exactly (they are not the fp32 teacher's logits)."""
-    runtime, data, teacher = _setup(bf16)
-    logits = compute_teacher_logits(teacher, data, RECIPE.epochs, RECIPE.batch_size, AUGMENT, runtime, seed=3)
+    cache stores the bf16 teacher's logits exactly (they are not the fp32 teacher's logits).
+    bf16=auto: the teacher in bf16 and the student in fp32 (on a bf16 CPU), still identical.
+    A method that also reads feature maps (combined) gets the live teacher with the cache."""
+    params, runtime, data, teacher = _setup(bf16)
+    logits = compute_teacher_logits(teacher, data, params.student.epochs, _batches(params, data, runtime), runtime)
     assert logits.shape == (3, 80, 4) and logits.dtype == np.float32 and np.isfinite(logits).all()
-    online_state, online_history = _distill(runtime, data, teacher, lambda t: OnlineTeacher(t, runtime))
-    cached_state, cached_history = _distill(runtime, data, teacher, lambda t: CachedTeacher(logits))
+    online_state, online_history = _distill(params, runtime, data, OnlineTeacher(teacher, runtime), method)
+    cached_state, cached_history = _distill(params, runtime, data, CachedTeacher(logits, module=teacher), method)
     assert online_history == cached_history
     for name, value in online_state.items():
         assert torch.equal(value, cached_state[name]), name
-    assert online_history[-1]["train_kd"] > 0
+    soft_terms = {"logit": ["train_kd"], "combined": ["train_kd", "train_at"], "dkd": ["train_tckd", "train_nckd"]}
+    assert all(online_history[-1][term] > 0 for term in soft_terms[method])
 
 
 def test_cached_rows_are_the_online_teacher_outputs_on_the_same_views():
-    runtime, data, teacher = _setup("off")
-    logits = compute_teacher_logits(teacher, data, 2, 32, AUGMENT, runtime, seed=3)
-    normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
+    params, runtime, data, teacher = _setup("off")
+    batches = _batches(params, data, runtime, batch_size=32)
+    logits = compute_teacher_logits(teacher, data, 2, batches, runtime)
     online = OnlineTeacher(teacher, runtime).to(memory_format=torch.channels_last)
-    pad, flip = augmentation(AUGMENT, data.meta)
     for epoch in range(2):
-        for batch in train_batches(data.train, 32, 3, epoch, pad, flip, normalize, torch.channels_last):
+        for batch in batches.epoch(epoch):
             expected = online(batch.images, BatchContext(batch.indices, epoch))
             cached = CachedTeacher(logits)(batch.images, BatchContext(batch.indices, epoch))
             assert torch.equal(cached, expected)
@@ -83,23 +120,30 @@ def test_cached_rows_are_the_online_teacher_outputs_on_the_same_views():
 
 
 def test_cache_round_trip_and_fingerprint_checks(tmp_path):
-    runtime, data, teacher = _setup("off")
+    params, runtime, data, teacher = _setup("off")
     out = tmp_path / "teacher_targets"
+    batches = _batches(params, data, runtime, batch_size=16)
     meta = write_teacher_targets(out, "cached", teacher=teacher, teacher_sha256="abc", data=data, epochs=2,
-                                 batch_size=16, augment=AUGMENT, runtime=runtime, seed=3)
+                                 batches=batches, runtime=runtime)
     assert meta["shape"] == [2, 80, 4] and meta["dtype"] == "float32"
-    expected = fingerprint(data, 2, 16, AUGMENT, 3, teacher, "abc", runtime)
+    expected = fingerprint(data, batches, 2, teacher, "abc", runtime)
+    assert {k: meta[k] for k in expected} == expected
     cached = load_cached_teacher(out, expected)
-    direct = compute_teacher_logits(teacher, data, 2, 16, AUGMENT, runtime, seed=3)
+    assert cached.module is None
+    direct = compute_teacher_logits(teacher, data, 2, batches, runtime)
     idx = torch.tensor([5, 0, 79])
     assert torch.equal(cached(torch.zeros(3, 3, 8, 8), BatchContext(idx, 1)), torch.from_numpy(direct[1][idx.numpy()]))
-    with pytest.raises(KdpipeError, match="epochs 0..1"):
-        cached(torch.zeros(3, 3, 8, 8), BatchContext(idx, 2))
-    for change in ({"epochs": 3}, {"batch_size": 32}, {"seed": 4}, {"teacher_sha256": "def"}):
-        with pytest.raises(KdpipeError, match="another run"):
+    assert load_cached_teacher(out, expected, module=teacher).module.model is teacher  # for feature-based methods
+    assert load_cached_teacher(out, {**expected, "threads": 7}) is not None  # the thread count may differ
+    for change in ({"epochs": 3}, {"batch_size": 32}, {"seed": 4}, {"teacher_sha256": "def"}, {"flip": False},
+                   {"train_sha256": "0" * 64}, {"teacher_precision": "bfloat16"}, {"channels_last": False}):
+        with pytest.raises(KdpipeError, match="another run") as info:
             load_cached_teacher(out, {**expected, **change})
-    other_aug = fingerprint(data, 2, 16, dataclasses.replace(AUGMENT, crop_padding=1), 3, teacher, "abc", runtime)
-    with pytest.raises(KdpipeError, match="crop_padding"):
+        assert f"{next(iter(change))}: cache" in str(info.value)
+    other_aug = fingerprint(data, _batches(params, data, runtime, batch_size=16,
+                                           augment=make_params(data__augment__crop_padding=1).data.augment),
+                            2, teacher, "abc", runtime)
+    with pytest.raises(KdpipeError, match="crop_padding: cache 2 vs run 1"):
         load_cached_teacher(out, other_aug)
     write_teacher_targets(out, "online")  # replaces the directory: nothing heavy left
     assert sorted(p.name for p in out.iterdir()) == ["meta.json"]
@@ -107,3 +151,65 @@ def test_cache_round_trip_and_fingerprint_checks(tmp_path):
     with pytest.raises(KdpipeError, match="holds no logits"):
         load_cached_teacher(out, expected)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left behind
+    with pytest.raises(KdpipeError, match="run the teacher_targets stage first"):
+        load_cached_teacher(tmp_path / "missing", expected)
+
+
+# ---- the teacher_targets stage and the distill run must draw the same batches ----------------
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project directory with prepared data and a trained teacher, as the stages see it."""
+    monkeypatch.chdir(tmp_path)
+    params, runtime, data, teacher = _setup("off")
+    for name in SPLITS:
+        split = getattr(data, name)
+        save_torch(paths.PREPARED_DIR / f"{name}.pt", {"images": split.images, "labels": split.labels})
+    write_json(paths.PREPARED_DIR / "meta.json", data.meta)
+    models.save(paths.model_path(paths.TEACHER), teacher, "resnet18", {}, data.meta)
+    return teacher
+
+
+def _source(params, teacher, live=False):
+    runtime = setup_runtime(params.runtime, params.seed)
+    return teacher_source(teacher, load_prepared(paths.PREPARED_DIR), params.student, params.data.augment, params.seed,
+                          runtime, cached=params.kd.teacher_targets == "cached", live=live)
+
+
+def test_the_distill_run_reads_the_cache_the_stage_wrote_for_its_params(project):
+    params = make_params()
+    meta = build_teacher_targets(params)
+    assert (meta["batch_size"], meta["crop_padding"], meta["seed"], meta["epochs"]) == (24, 2, 3, 3)
+    assert meta["teacher_sha256"] == file_digest(paths.model_path(paths.TEACHER))
+    source = _source(params, project)
+    assert isinstance(source, CachedTeacher) and source.module is None
+    assert np.array_equal(source.logits, np.load(paths.TEACHER_TARGETS_DIR / "logits.npy"))
+    # the rows are the teacher's outputs on the batches the student draws in that run
+    runtime = setup_runtime(params.runtime, params.seed)
+    batches = _batches(params, load_prepared(paths.PREPARED_DIR), runtime)
+    online = OnlineTeacher(project, runtime).to(memory_format=runtime.memory_format)
+    batch = next(iter(batches.epoch(2)))
+    context = BatchContext(batch.indices, 2)
+    assert torch.equal(source(batch.images, context), online(batch.images, context))
+    live = _source(params, project, live=True)  # feature-based methods get the teacher too
+    assert isinstance(live, CachedTeacher) and live.module.model is project
+    online_source = _source(make_params(kd={"teacher_targets": "online"}), project)
+    assert isinstance(online_source, OnlineTeacher) and online_source.module.model is project
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    ({"student__batch_size": 16}, "batch_size"),
+    ({"data__augment__crop_padding": 1}, "crop_padding"),
+    ({"data__augment__flip": False}, "flip"),
+    ({"seed": 4}, "seed"),
+    ({"student__epochs": 4}, "epochs"),
+    ({"runtime__channels_last": "off"}, "channels_last"),
+])
+def test_a_distill_run_with_other_batch_settings_than_the_cache_is_refused(project, change, key):
+    build_teacher_targets(make_params())  # the cache: batch size 24, crop padding 2, flips, seed 3, 3 epochs
+    with pytest.raises(KdpipeError) as info:
+        _source(make_params(**change), project)
+    message = str(info.value)
+    assert "computed for another run" in message and f"{key}: cache" in message, message
+    assert "dvc repro" in message

@@ -1,46 +1,60 @@
-"""The training engine: it learns, records its history, keeps the best weights, and is deterministic."""
+"""kdpipe.train, the training engine: it learns, records its history, keeps the best weights,
+sums and logs every loss term, follows its schedule and is deterministic for a seed."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
 from kdpipe import models
-from kdpipe.config import AugmentConfig, RuntimeConfig, TrainConfig
-from kdpipe.data.loader import Normalizer
-from kdpipe.distill import CrossEntropyObjective, OnlineTeacher
-from kdpipe.distill.logit import LogitKD
+from kdpipe.config import parse_params
+from kdpipe.data.loader import Normalizer, TrainingBatches
+from kdpipe.distill import CrossEntropyObjective
+from kdpipe.distill.base import BatchContext, Objective
 from kdpipe.inference import loss_and_accuracy, predict_logits
-from kdpipe.runtime import Runtime, setup_runtime
-from kdpipe.train import fit, make_scheduler
-from tests.conftest import make_prepared
+from kdpipe.runtime import setup_runtime
+from kdpipe.train import BestWeights, Optimisation, TrainJob, fit, make_optimizer, make_scheduler, train_epoch, validate
+from tests.conftest import build_method, make_prepared
 
-RECIPE = TrainConfig(epochs=5, batch_size=16, optimizer="adam", lr=0.01, weight_decay=0.0, label_smoothing=0.0,
-                     schedule="onecycle", warmup_fraction=0.2)
-AUGMENT = AugmentConfig(crop_padding=1, flip=True)
+STUDENT = {"epochs": 5, "batch_size": 16, "optimizer": "adam", "lr": 0.01, "weight_decay": 0.0,
+           "schedule": "onecycle", "warmup_fraction": 0.2}
+RUNTIME = {"device": "cpu", "threads": 1}
 HISTORY_COLUMNS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"}
 
 
-def run_fit(seed: int, runtime_cfg: RuntimeConfig = RuntimeConfig(device="cpu", threads=1), recipe=RECIPE,
-            on_epoch=None, flip: bool = False):
+def make_params(student=None, runtime=None, crop_padding=1):
+    return parse_params({"student": {**STUDENT, **(student or {})}, "runtime": {**RUNTIME, **(runtime or {})},
+                         "data": {"augment": {"crop_padding": crop_padding, "flip": True}}})
+
+
+def run_fit(seed: int, params=None, on_epoch=None, flip: bool = False, objective_for=CrossEntropyObjective):
     """What the workflow does: set up the runtime (which seeds every RNG), build, train.
 
     The toy classes are quadrants, so a mirror changes the label: the toy data says
     ``flip: False`` and the engine must then ignore ``augment.flip``."""
+    params = params or make_params()
     data = make_prepared(flip=flip)
-    runtime = setup_runtime(runtime_cfg, seed)
+    runtime = setup_runtime(params.runtime, seed)
     model = models.build("student_cnn", 1, data.num_classes, 8, widths=[8, 16], dropout=0.1)
-    result = fit(CrossEntropyObjective(model), data, recipe, AUGMENT, runtime, seed, desc="test", on_epoch=on_epoch)
-    return model, result, data
+    job = TrainJob("test", objective_for(model), data, params.student, params.data.augment, runtime, seed)
+    return model, fit(job, on_epoch=on_epoch), data
+
+
+def history_without_timings(history):
+    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
+
+
+# ---- fit --------------------------------------------------------------------------------------
 
 
 def test_engine_learns_the_toy_data_and_writes_history_rows():
     rows = []
     model, result, data = run_fit(0, on_epoch=rows.append)
-    assert len(result.history) == RECIPE.epochs and rows == result.history
+    epochs, lr = STUDENT["epochs"], STUDENT["lr"]
+    assert len(result.history) == epochs and rows == result.history
     for i, row in enumerate(result.history):
         assert HISTORY_COLUMNS | {"train_ce"} == set(row)
         assert row["epoch"] == i + 1
@@ -50,10 +64,11 @@ def test_engine_learns_the_toy_data_and_writes_history_rows():
         assert row["lr"] > 0
     # onecycle: warm up to the peak, then anneal to lr / (10 · 100) on the last update
     lrs = [r["lr"] for r in result.history]
-    assert max(lrs) <= RECIPE.lr + 1e-9
-    assert lrs[-1] == pytest.approx(RECIPE.lr / 1000, rel=1e-3)
+    assert max(lrs) <= lr + 1e-9
+    assert lrs[-1] == pytest.approx(lr / 1000, rel=1e-3)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.best_val_accuracy >= 90.0
+    assert result.seconds > 0 and result.runtime["device"] == "cpu" and result.runtime["threads"] == 1
     # the returned model really has that accuracy on the validation split
     normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
     _, val_acc = loss_and_accuracy(predict_logits(model, data.val, normalize, 64), data.val.labels)
@@ -66,7 +81,7 @@ def test_engine_learns_the_toy_data_and_writes_history_rows():
 def test_engine_keeps_the_best_on_validation_weights():
     """Wreck the weights after epoch 3: epoch 4 then trains from NaNs and validates badly, and
     fit must hand back epoch 3's (or an earlier best) weights, not the last ones."""
-    recipe = TrainConfig(epochs=4, batch_size=16, optimizer="adam", lr=0.01, label_smoothing=0.0, schedule="constant")
+    params = make_params({"epochs": 4, "schedule": "constant"}, crop_padding=1)
     snapshots = {}
     holder = {}
 
@@ -79,10 +94,11 @@ def test_engine_keeps_the_best_on_validation_weights():
                     p.fill_(float("nan"))
 
     data = make_prepared()
-    runtime = setup_runtime(RuntimeConfig(device="cpu", threads=1), 0)
+    runtime = setup_runtime(params.runtime, 0)
     model = models.build("student_cnn", 1, data.num_classes, 8, widths=[8, 16], dropout=0.0)
     holder["model"] = model
-    result = fit(CrossEntropyObjective(model), data, recipe, AugmentConfig(), runtime, 0, "best", on_epoch)
+    result = fit(TrainJob("best", CrossEntropyObjective(model), data, params.student, params.data.augment, runtime, 0),
+                 on_epoch)
 
     accs = [r["val_acc"] for r in result.history]
     assert accs[3] < max(accs[:3])  # the wrecked epoch is worse
@@ -94,35 +110,33 @@ def test_engine_keeps_the_best_on_validation_weights():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def history_without_timings(history):
-    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
-
-
-@pytest.mark.parametrize("runtime_cfg", [RuntimeConfig(device="cpu", threads=1, bf16="off", channels_last="off"),
-                                         RuntimeConfig(device="cpu", threads=1, bf16="on", channels_last="on")],
+@pytest.mark.parametrize("runtime", [{"bf16": "off", "channels_last": "off"}, {"bf16": "on", "channels_last": "on"}],
                          ids=["fp32", "bf16-channels_last"])
-def test_fit_is_deterministic_for_a_seed(runtime_cfg):
-    model_a, result_a, _ = run_fit(3, runtime_cfg, flip=True)
-    model_b, result_b, _ = run_fit(3, runtime_cfg, flip=True)
+def test_fit_is_deterministic_for_a_seed(runtime):
+    params = make_params(runtime=runtime)
+    model_a, result_a, _ = run_fit(3, params, flip=True)
+    model_b, result_b, _ = run_fit(3, params, flip=True)
     assert history_without_timings(result_a.history) == history_without_timings(result_b.history)
     assert result_a.best_epoch == result_b.best_epoch
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     # and the seed matters: another seed gives another run
-    model_c, result_c, _ = run_fit(4, runtime_cfg, flip=True)
+    model_c, result_c, _ = run_fit(4, params, flip=True)
     assert history_without_timings(result_c.history) != history_without_timings(result_a.history)
     assert not torch.equal(model_c.state_dict()["head.3.weight"], state_a["head.3.weight"])
 
 
 def test_distillation_trains_the_student_and_logs_each_term():
+    params = make_params()
     data = make_prepared()
-    runtime = setup_runtime(RuntimeConfig(device="cpu", threads=1), 0)
+    runtime = setup_runtime(params.runtime, 0)
     teacher = models.build("student_cnn", 1, 4, 8, widths=[8, 16], dropout=0.0)
-    fit(CrossEntropyObjective(teacher), data, RECIPE, AugmentConfig(), runtime, 0, "teacher")
+    fit(TrainJob("teacher", CrossEntropyObjective(teacher), data, params.student, parse_params({}).data.augment,
+                 runtime, 0))
     teacher_state = copy.deepcopy(teacher.state_dict())
     pupil = models.build("student_cnn", 1, 4, 8, widths=[8, 16], dropout=0.0)
-    objective = LogitKD(pupil, OnlineTeacher(teacher), temperature=4.0, alpha=0.9)
-    result = fit(objective, data, RECIPE, AUGMENT, runtime, 0, "kd")
+    objective = build_method("logit", pupil, teacher, temperature=4.0, alpha=0.9)
+    result = fit(TrainJob("kd", objective, data, params.student, params.data.augment, runtime, 0))
     for row in result.history:
         assert {"train_kd", "train_ce"} <= set(row)
         assert row["train_loss"] == pytest.approx(row["train_kd"] + row["train_ce"], abs=2e-6)
@@ -131,9 +145,94 @@ def test_distillation_trains_the_student_and_logs_each_term():
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_state.items())
 
 
+# ---- the parts of one run ---------------------------------------------------------------------
+
+
+class FixedTerms(Objective):
+    """Two terms with known per-batch values: a = 1 + epoch, b = mean label (as floats)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(1, 1))
+        self.seen: list[BatchContext] = []
+
+    def forward_train(self, images, labels, batch):
+        self.seen.append(batch)
+        logits = torch.nn.functional.one_hot(labels, 4).float() + 0 * self.student.weight.sum()  # always right
+        return logits, {"a": (1.0 + batch.epoch) * (self.student.weight.sum() * 0 + 1),
+                        "b": labels.float().mean() + 0 * self.student.weight.sum()}
+
+
+def test_train_epoch_averages_each_term_over_images_and_records_the_batches():
+    params = make_params({"batch_size": 24, "schedule": "constant", "optimizer": "sgd", "lr": 0.01})
+    data = make_prepared(n_train=64)
+    runtime = setup_runtime(params.runtime, 0)
+    objective = FixedTerms()
+    job = TrainJob("terms", objective, data, params.student, params.data.augment, runtime, 0)
+    batches = TrainingBatches.for_run(data, 24, params.data.augment, 0, runtime)
+    opt = make_optimizer(objective.trainable_parameters(), params.student)
+    optim = Optimisation(opt, make_scheduler(opt, params.student, batches.steps),
+                         torch.amp.GradScaler("cpu", enabled=False))
+    row = train_epoch(job, batches, 2, optim, objective.forward_train)
+    assert [b.epoch for b in objective.seen] == [2, 2, 2]  # 64 images in batches of 24, 24, 16
+    assert sorted(torch.cat([b.indices for b in objective.seen]).tolist()) == list(range(64))
+    assert row["train_a"] == pytest.approx(3.0)
+    assert row["train_b"] == pytest.approx(data.train.labels.float().mean().item(), abs=1e-6)  # image-weighted
+    assert row["train_loss"] == pytest.approx(row["train_a"] + row["train_b"], abs=1e-6)
+    assert row["train_acc"] == 100.0 and row["lr"] == pytest.approx(0.01)
+
+
+def test_validate_is_the_loss_and_accuracy_of_the_models_predictions():
+    data = make_prepared()
+    params = make_params(runtime={"bf16": "off", "channels_last": "off"})
+    runtime = setup_runtime(params.runtime, 0)
+    torch.manual_seed(0)
+    model = models.build("student_cnn", 1, 4, 8, widths=[8]).train()
+    normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
+    loss, acc = validate(model, data.val, normalize, runtime)
+    assert model.training  # the mode is restored
+    assert (loss, acc) == loss_and_accuracy(predict_logits(model, data.val, normalize, 64), data.val.labels)
+
+
+def test_best_weights_keep_the_first_strictly_best_epoch_as_a_copy():
+    model = nn.Linear(2, 1)
+    best = BestWeights()
+    best.restore(model)  # nothing kept yet: a no-op
+    for epoch, (acc, value) in enumerate([(50.0, 1.0), (70.0, 2.0), (70.0, 3.0), (60.0, 4.0)], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        best.update(model, acc, epoch)
+    assert (best.accuracy, best.epoch) == (70.0, 2)
+    best.restore(model)
+    assert torch.equal(model.weight, torch.full((1, 2), 2.0))
+
+
+def test_optimisation_step_updates_and_returns_the_lr_it_used():
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    optim = Optimisation(opt, sched, torch.amp.GradScaler("cpu", enabled=False))
+    used = [optim.step((param - 1).pow(2).sum()) for _ in range(3)]
+    assert used == [0.1, 0.05, 0.025]
+    # steps of lr·grad with grad = 2(p − 1): 0 → 0.2 → 0.28 → 0.316
+    assert param.item() == pytest.approx(0.316, rel=1e-6)
+
+
+def test_make_optimizer_follows_the_recipe():
+    params = [nn.Parameter(torch.zeros(1))]
+    sgd = make_optimizer(params, make_params({"optimizer": "sgd", "momentum": 0.9, "nesterov": True}).student)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    # nesterov needs momentum: dropped, not an error
+    plain = make_optimizer(params, make_params({"optimizer": "sgd", "momentum": 0.0, "nesterov": True}).student)
+    assert not plain.defaults["nesterov"]
+    adamw = make_optimizer(params, make_params({"optimizer": "adamw", "weight_decay": 0.01}).student)
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.01
+    assert type(make_optimizer(params, make_params({"optimizer": "adam"}).student)) is torch.optim.Adam
+
+
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
 def test_every_schedule_stays_positive_over_the_whole_run(schedule):
-    recipe = TrainConfig(epochs=3, lr=0.1, schedule=schedule, step_size=1, gamma=0.5, warmup_fraction=0.2)
+    recipe = parse_params({"student": {"epochs": 3, "lr": 0.1, "schedule": schedule, "step_size": 1, "gamma": 0.5,
+                                       "warmup_fraction": 0.2}}).student
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr, momentum=0.9)
     sched = make_scheduler(opt, recipe, steps_per_epoch=5)
     used = []
@@ -146,17 +245,5 @@ def test_every_schedule_stays_positive_over_the_whole_run(schedule):
         assert used[0] == pytest.approx(0.1) and used[5] == pytest.approx(0.05) and used[10] == pytest.approx(0.025)
     if schedule == "constant":
         assert used == [0.1] * 15
-
-
-def test_bf16_auto_is_decided_per_model_and_never_overrides_an_explicit_choice():
-    """``bf16: auto`` on a bf16-capable CPU: bf16 for models worth it (the 32×32 student,
-    any ResNet-18), fp32 for the tiny digits student; ``on``/``off`` are kept as given."""
-    auto = Runtime(torch.device("cpu"), 1, torch.bfloat16, True, False, bf16_policy="auto")
-    tiny = models.build("student_cnn", 1, 10, 8)
-    assert auto.for_model(tiny, (1, 8, 8)).amp_dtype is None
-    assert auto.for_model(models.build("student_cnn", 3, 10, 32), (3, 32, 32)).amp_dtype == torch.bfloat16
-    assert auto.for_model(models.build("resnet18", 1, 10, 8), (1, 8, 8)).amp_dtype == torch.bfloat16
-    forced = replace(auto, bf16_policy="on")
-    assert forced.for_model(tiny, (1, 8, 8)).amp_dtype == torch.bfloat16
-    off = replace(auto, amp_dtype=None, bf16_policy="off")
-    assert off.for_model(models.build("resnet18", 3, 10, 32), (3, 32, 32)).amp_dtype is None
+    if schedule == "cosine":  # 3 warm-up steps (20% of 15), then a half cosine
+        assert used[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1]) and used[-1] < used[3]
