@@ -29,28 +29,28 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cifar_data import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
+from cifar_data import DEFAULT_ARCHIVE, load_cifar  # noqa: E402
 from train_speed import PILDataset  # noqa: E402
 
 from kdpipe import models  # noqa: E402
 from kdpipe.config import AugmentConfig, RuntimeConfig, TrainConfig  # noqa: E402
-from kdpipe.data.loader import Normalizer  # noqa: E402
+from kdpipe.data.loader import Normalizer, TrainingBatches  # noqa: E402
 from kdpipe.data.prepare import PreparedData, Split, channel_stats, stratified_split  # noqa: E402
-from kdpipe.distill import CrossEntropyObjective, OnlineTeacher  # noqa: E402
-from kdpipe.distill.logit import LogitKD  # noqa: E402
+from kdpipe.distill import CrossEntropyObjective, MethodInputs, OnlineTeacher  # noqa: E402
+from kdpipe.distill.logit import LogitKD, LogitSettings  # noqa: E402
 from kdpipe.distill.targets import CachedTeacher  # noqa: E402
 from kdpipe.inference import predict_logits  # noqa: E402
 from kdpipe.runtime import setup_runtime  # noqa: E402
 from kdpipe.teacher_targets import compute_teacher_logits  # noqa: E402
-from kdpipe.train import fit  # noqa: E402
+from kdpipe.train import TrainJob, fit  # noqa: E402
 
-STUDENT = {"widths": [32, 64, 128], "dropout": 0.2}
+STUDENT = {"widths": [32, 64, 128], "dropout": 0.2}  # student.student_cnn.*
 
 
-def prepared(seed: int = 42) -> PreparedData:
-    cifar = load_cifar()
+def prepared(seed: int = 42, archive: str | None = None) -> PreparedData:
+    cifar = load_cifar(archive)
     if cifar.source == "generated":
-        raise SystemExit("the CIFAR-10 mini archive is needed: ../shared/data/cifar-10-mini-python.tar.gz")
+        raise SystemExit(f"the CIFAR-10 mini archive is needed: {archive or DEFAULT_ARCHIVE} (see --archive)")
     val_idx, train_idx = stratified_split(cifar.train_labels, [0.15], seed)
     train = Split(cifar.train_images[train_idx], cifar.train_labels[train_idx])
     mean, std = channel_stats(train.images)
@@ -116,7 +116,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seconds", type=float, default=None,
                    help="common recipe: stop once training has taken this many seconds (same-CPU-time runs)")
-    p.add_argument("--width", type=int, default=64, help="teacher: ResNet-18 first-stage width (teacher.width)")
+    p.add_argument("--width", type=int, default=64,
+                   help="teacher: ResNet-18 first-stage width (teacher.resnet18.width)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", default="sgd")
     p.add_argument("--lr", type=float, default=None, help="default: 0.1 teacher, 0.05 student")
@@ -134,8 +135,9 @@ def main() -> None:
     p.add_argument("--bf16", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--archive", default=None, help="CIFAR-10 mini archive (default: ../shared/data/...)")
     args = p.parse_args()
-    data = prepared()
+    data = prepared(archive=args.archive)
     runtime = setup_runtime(RuntimeConfig(threads=args.threads, bf16=args.bf16), args.seed)
     teacher = None
     if args.model == "distill":
@@ -163,13 +165,18 @@ def main() -> None:
             objective = CrossEntropyObjective(model, args.label_smoothing)
         else:
             if args.targets == "cached":
-                logits = compute_teacher_logits(teacher, data, args.epochs, args.batch_size, augment, runtime, args.seed)
+                # the batches the student will draw (same batch size, augmentation and seed)
+                batches = TrainingBatches.for_run(data, args.batch_size, augment, args.seed, runtime)
+                logits = compute_teacher_logits(teacher, data, args.epochs, batches, runtime)
                 targets = CachedTeacher(logits)
                 pass_seconds = time.perf_counter() - start
             else:
                 targets = OnlineTeacher(teacher, runtime)
-            objective = LogitKD(model, targets, args.temperature, args.alpha, args.label_smoothing)
-        result = fit(objective, data, recipe, augment, runtime, args.seed, desc=args.model)
+            inputs = MethodInputs(model, targets, args.label_smoothing,
+                                  (data.channels, data.image_size, data.image_size), data.meta)
+            settings = LogitSettings(temperature=args.temperature, alpha=args.alpha, teacher_targets=args.targets)
+            objective = LogitKD(inputs, settings)
+        result = fit(TrainJob(args.model, objective, data, recipe, augment, runtime, args.seed))
         out = {"test_accuracy": test_accuracy(model, data), "best_val_accuracy": result.best_val_accuracy,
                "best_epoch": result.best_epoch, "train_seconds": round(result.seconds, 1),
                "teacher_pass_seconds": round(pass_seconds, 1), "seconds": round(time.perf_counter() - start, 1),

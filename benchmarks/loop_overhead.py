@@ -1,8 +1,9 @@
-"""Where an epoch of kdpipe's engine goes: the input pipeline (``train_batches``: gather,
-crop/flip, normalise) against the whole training epoch (forward, loss, backward, optimiser,
-schedule, bookkeeping), for the student on digits-shaped (1×8×8) and CIFAR-shaped (3×32×32)
-data, plus the teacher-targets lookup. CPU seconds (``time.process_time``), so other
-processes on a shared machine disturb the shares less.
+"""Where an epoch of kdpipe's engine goes: the input pipeline (the engine's
+``TrainingBatches``, i.e. ``train_batches``: gather, crop/flip, normalise) against the whole
+training epoch (forward, loss, backward, optimiser, schedule, bookkeeping), for the student
+on digits-shaped (1×8×8) and CIFAR-shaped (3×32×32) data, plus the teacher-targets lookup.
+CPU seconds (``time.process_time``), so other processes on a shared machine disturb the
+shares less.
 
     PYTHONPATH=src python benchmarks/loop_overhead.py
 """
@@ -21,14 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from kdpipe import models  # noqa: E402
 from kdpipe.config import AugmentConfig, RuntimeConfig, TrainConfig  # noqa: E402
-from kdpipe.data.loader import Normalizer, train_batches  # noqa: E402
+from kdpipe.data.loader import TrainingBatches  # noqa: E402
 from kdpipe.data.prepare import PreparedData, Split  # noqa: E402
 from kdpipe.distill import CrossEntropyObjective  # noqa: E402
-from kdpipe.distill.base import BatchContext  # noqa: E402
-from kdpipe.distill.logit import LogitKD  # noqa: E402
+from kdpipe.distill.base import BatchContext, MethodInputs  # noqa: E402
+from kdpipe.distill.logit import LogitKD, LogitSettings  # noqa: E402
 from kdpipe.distill.targets import CachedTeacher  # noqa: E402
 from kdpipe.runtime import setup_runtime  # noqa: E402
-from kdpipe.train import fit  # noqa: E402
+from kdpipe.train import TrainJob, fit  # noqa: E402
 
 
 def data(n: int, c: int, s: int) -> PreparedData:
@@ -51,25 +52,28 @@ def main() -> None:
     for name, (n, c, s, pad) in {"digits 1×8×8": (1259, 1, 8, 1), "CIFAR 3×32×32": (4068, 3, 32, 4)}.items():
         d = data(n, c, s)
         recipe = TrainConfig(epochs=epochs, batch_size=128)
-        normalize = Normalizer.from_meta(d.meta["mean"], d.meta["std"])
+        augment = AugmentConfig(pad, True)
+        batches = TrainingBatches.for_run(d, 128, augment, 0, runtime)  # the batches fit draws
 
         def loader_epoch(epoch: int = 0) -> None:
-            for _ in train_batches(d.train, 128, 0, epoch, pad, True, normalize, runtime.memory_format):
+            for _ in batches.epoch(epoch):
                 pass
 
         loader = statistics.median(cpu_seconds(lambda: loader_epoch(e)) for e in range(epochs))
         student = models.build("student_cnn", c, 10, s, widths=[32, 64, 128], dropout=0.2)
         box = {}
-        fit_cpu = cpu_seconds(lambda: box.update(r=fit(CrossEntropyObjective(student), d, recipe, AugmentConfig(pad, True),
-                                                       runtime, 0, "x")))
+        fit_cpu = cpu_seconds(lambda: box.update(r=fit(TrainJob("x", CrossEntropyObjective(student), d, recipe,
+                                                                augment, runtime, 0))))
         result = box["r"]
         wall = statistics.median(row["epoch_seconds"] for row in result.history[1:])
         table = CachedTeacher(np.random.default_rng(0).standard_normal((epochs, n, 10), dtype=np.float32))
-        ctx_batches = list(train_batches(d.train, 128, 0, 0, pad, True, normalize, runtime.memory_format))
+        ctx_batches = list(batches.epoch(0))
         lookup = statistics.median(cpu_seconds(lambda: [table(b.images, BatchContext(b.indices, 0))
                                                         for b in ctx_batches]) for _ in range(5))
-        kd = fit(LogitKD(models.build("student_cnn", c, 10, s, widths=[32, 64, 128], dropout=0.2), table, 4.0, 0.9),
-                 d, recipe, AugmentConfig(pad, True), runtime, 0, "x")
+        kd_student = models.build("student_cnn", c, 10, s, widths=[32, 64, 128], dropout=0.2)
+        kd_objective = LogitKD(MethodInputs(kd_student, table, 0.0, (c, s, s), d.meta),
+                               LogitSettings(temperature=4.0, alpha=0.9, teacher_targets="cached"))
+        kd = fit(TrainJob("x", kd_objective, d, recipe, augment, runtime, 0))
         kd_wall = statistics.median(row["epoch_seconds"] for row in kd.history[1:])
         print(f"{name}: {n} images, batch 128, student, {runtime.threads} threads, runtime {result.runtime}")
         print(f"  train_batches epoch: {loader * 1e3:.1f} ms CPU  | training epoch (with validation): "

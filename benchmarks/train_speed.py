@@ -46,16 +46,18 @@ from cifar_data import CIFAR_MEAN, CIFAR_STD, load_cifar  # noqa: E402
 
 from kdpipe import models  # noqa: E402
 from kdpipe.config import AugmentConfig, RuntimeConfig, TrainConfig  # noqa: E402
+from kdpipe.data.loader import TrainingBatches  # noqa: E402
 from kdpipe.data.prepare import PreparedData, Split  # noqa: E402
-from kdpipe.distill import CrossEntropyObjective, OnlineTeacher  # noqa: E402
-from kdpipe.distill.logit import LogitKD  # noqa: E402
+from kdpipe.distill import CrossEntropyObjective, MethodInputs, OnlineTeacher, TeacherLogits  # noqa: E402
+from kdpipe.distill.logit import LogitKD, LogitSettings  # noqa: E402
 from kdpipe.distill.targets import CachedTeacher  # noqa: E402
 from kdpipe.runtime import setup_runtime  # noqa: E402
 from kdpipe.teacher_targets import compute_teacher_logits  # noqa: E402
-from kdpipe.train import fit  # noqa: E402
+from kdpipe.train import TrainJob, fit  # noqa: E402
 
-STUDENT = {"widths": [32, 64, 128], "dropout": 0.2}
+STUDENT = {"widths": [32, 64, 128], "dropout": 0.2}  # student.student_cnn.*
 T, ALPHA = 4.0, 0.9
+AUGMENT = AugmentConfig(crop_padding=4, flip=True)  # the reference's RandomCrop(32, padding=4) + flip
 
 
 # --------------------------------------------------------------------------- the reference
@@ -161,10 +163,16 @@ def kdpipe_loop(objective, data, recipe, runtime, times: list[float], seed: int)
             times.append(row["epoch_seconds"])
             next_turn()
 
-        fit(objective, data, recipe, AugmentConfig(crop_padding=4, flip=True), runtime, seed, desc="kdpipe",
-            on_epoch=on_epoch)
+        fit(TrainJob("kdpipe", objective, data, recipe, AUGMENT, runtime, seed), on_epoch=on_epoch)
 
     return loop
+
+
+def logit_kd(student: torch.nn.Module, targets: TeacherLogits, data: PreparedData) -> LogitKD:
+    """Hinton KD (T, ALPHA, no label smoothing) of ``student`` on ``targets``."""
+    mode = "cached" if isinstance(targets, CachedTeacher) else "online"
+    inputs = MethodInputs(student, targets, 0.0, (data.channels, data.image_size, data.image_size), data.meta)
+    return LogitKD(inputs, LogitSettings(temperature=T, alpha=ALPHA, teacher_targets=mode))
 
 
 def reference_loop(model, loader, times: list[float], teacher=None):
@@ -206,7 +214,7 @@ def main() -> None:
                         help="comma-separated subset of student,teacher,distill")
     parser.add_argument("--compile", action="store_true", help="also time kdpipe's student with runtime.compile")
     parser.add_argument("--teacher-width", type=int, default=64,
-                        help="the teacher ResNet-18's first-stage width (teacher.width; 64: the standard one)")
+                        help="the teacher ResNet-18's first-stage width (teacher.resnet18.width; 64: the standard one)")
     args = parser.parse_args()
     EPOCHS, TEACHER_WIDTH = max(2, args.epochs), args.teacher_width
     seed = 0
@@ -264,12 +272,13 @@ def main() -> None:
         compare("distillation, teacher online", {
             "reference_distill": lambda t: reference_loop(build("student_cnn", 1), loader, t, teacher=teacher),
             "kdpipe_distill_online": lambda t: kdpipe_loop(
-                LogitKD(build("student_cnn", 1), OnlineTeacher(teacher, runtime), T, ALPHA), data, recipe, runtime,
+                logit_kd(build("student_cnn", 1), OnlineTeacher(teacher, runtime), data), data, recipe, runtime,
                 t, seed),
         })
         results["distill_online_speedup"] = results["reference_distill"] / results["kdpipe_distill_online"]
         start = time.perf_counter()
-        logits = compute_teacher_logits(teacher, data, EPOCHS, args.batch_size, AugmentConfig(4, True), runtime, seed)
+        batches = TrainingBatches.for_run(data, args.batch_size, AUGMENT, seed, runtime)  # what the student draws
+        logits = compute_teacher_logits(teacher, data, EPOCHS, batches, runtime)
         pass_seconds = time.perf_counter() - start
         print(f"teacher_targets pass: {pass_seconds:.1f} s for {EPOCHS} epochs of views "
               f"({pass_seconds / EPOCHS:.2f} s per epoch, paid once per teacher and student schedule)", flush=True)
@@ -278,7 +287,7 @@ def main() -> None:
             "kdpipe_baseline": lambda t: kdpipe_loop(CrossEntropyObjective(build("student_cnn", 1)), data, recipe,
                                                      runtime, t, seed),
             "kdpipe_distill_cached": lambda t: kdpipe_loop(
-                LogitKD(build("student_cnn", 1), CachedTeacher(logits), T, ALPHA), data, recipe, runtime, t, seed),
+                logit_kd(build("student_cnn", 1), CachedTeacher(logits), data), data, recipe, runtime, t, seed),
         })
         results["distill_cached_over_baseline"] = results["kdpipe_distill_cached"] / results["kdpipe_baseline"]
     keys = ["student_speedup", "teacher_speedup", "distill_online_speedup", "distill_cached_over_baseline"]
