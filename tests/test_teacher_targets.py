@@ -73,20 +73,13 @@ def _distill(params, runtime, data, targets, method="logit"):
 
 
 NO_BF16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
-# src bug: in online mode CombinedKD takes the teacher's logits from its live feature pass
-# (AttentionTerms → forward_with_features on the FrozenTeacher), which runs in the *student's*
-# precision; OnlineTeacher and the cache run the teacher in *its own* (Runtime.for_model). With
-# runtime.bf16=auto on a bf16 CPU the ResNet teacher is bf16 and the tiny student fp32, so the
-# cached and the online combined students differ.
-COMBINED_PRECISION_BUG = pytest.mark.xfail(cpu_supports_bf16(), strict=True,
-                                           reason="combined online reads teacher logits in the student's precision")
 
 
 @pytest.mark.parametrize(("bf16", "method"), [
     ("off", "logit"), ("off", "dkd"), ("off", "combined"),
     pytest.param("on", "logit", marks=NO_BF16), pytest.param("on", "dkd", marks=NO_BF16),
     pytest.param("on", "combined", marks=NO_BF16),
-    ("auto", "logit"), ("auto", "dkd"), pytest.param("auto", "combined", marks=COMBINED_PRECISION_BUG),
+    ("auto", "logit"), ("auto", "dkd"), ("auto", "combined"),
 ])
 def test_cached_targets_train_the_same_student_as_the_online_teacher(bf16, method):
     """fp32 (bf16=off): identical weights and metrics. bf16=on: still identical, because the

@@ -2,8 +2,9 @@
 ``kd.temperature`` + ``1 - kd.alpha`` labels) plus the attention-transfer term of
 :mod:`kdpipe.distill.attention` with this method's own ``kd.combined.beta`` and ``p``.
 
-The teacher runs live for its feature maps. Its logits come from the teacher targets when
-they are cached, else from that same live pass (no second teacher forward).
+The teacher runs live for its feature maps. Its logits come from the teacher targets, cached
+or online (online, that is a second teacher pass, in the teacher's own precision, so cached
+and online distillation train the same student bit for bit).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ class CombinedKD(Objective):
         self.label_smoothing = inputs.label_smoothing
 
     def forward_train(self, images, labels, batch):
-        logits, t_logits, at = self.terms(self.student, images)
-        if self.targets.precomputed:
-            t_logits = self.targets(images, batch)
+        logits, _, at = self.terms(self.student, images)
+        # the logits through the teacher-logits source, cached or online: both run the teacher in
+        # its own precision (the live feature pass runs in the student's), so the two agree bit for bit
+        t_logits = self.targets(images, batch)
         return logits, {
             "kd": self.alpha * soft_kl(logits, t_logits, self.temperature),
             "ce": (1 - self.alpha) * label_ce(logits, labels, self.label_smoothing),
