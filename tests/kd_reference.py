@@ -49,6 +49,39 @@ def dkd_terms(s_rows: list[list[float]], t_rows: list[list[float]], labels: list
     return tckd / n * t * t, nckd / n * t * t
 
 
+def standardize(z: list[float], eps: float = 1e-7) -> list[float]:
+    """Logit standardization: (z − mean) / (population std + eps)."""
+    mean = sum(z) / len(z)
+    std = math.sqrt(sum((v - mean) ** 2 for v in z) / len(z))
+    return [(v - mean) / (std + eps) for v in z]
+
+
+def standardize_rows(x: torch.Tensor) -> torch.Tensor:
+    """:func:`standardize` on every row, back as a float64 tensor (for the other references)."""
+    return torch.tensor([standardize(row) for row in x.double().tolist()], dtype=torch.float64)
+
+
+def pearson(a: list[float], b: list[float], eps: float = 1e-8) -> float:
+    """Σ (a − ā)(b − b̄) / (sqrt(Σ (a − ā)²) · sqrt(Σ (b − b̄)²) + eps)."""
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    na = math.sqrt(sum((x - ma) ** 2 for x in a))
+    nb = math.sqrt(sum((y - mb) ** 2 for y in b))
+    return cov / (na * nb + eps)
+
+
+def dist_terms(s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[float, float]:
+    """DIST's relation losses: T² · mean over rows (inter) and over columns (intra) of
+    1 − pearson between the probability tables softmax(s/T) and softmax(t/T)."""
+    ps = [probs(row, temperature) for row in s.double().tolist()]
+    pt = [probs(row, temperature) for row in t.double().tolist()]
+    rows, cols = len(ps), len(ps[0])
+    inter = sum(1 - pearson(ps[i], pt[i]) for i in range(rows)) / rows
+    intra = sum(1 - pearson([ps[i][j] for i in range(rows)], [pt[i][j] for i in range(rows)])
+                for j in range(cols)) / cols
+    return inter * temperature**2, intra * temperature**2
+
+
 def attention_transfer(fs: torch.Tensor, ft: torch.Tensor, p: float = 2) -> float:
     """Loops: map[n][j] = mean_c |f|^p, L2-normalised per sample, squared difference averaged
     over positions and samples (same spatial size)."""

@@ -58,6 +58,7 @@ def test_dkd_reads_its_own_alpha_not_kd_alpha():
     assert set(derived_fields(DkdSettings)) == {"temperature", "teacher_targets"}
     settings = method_settings("dkd", alpha=0.1, temperature=3.0, dkd={"alpha": 2.0, "beta": 8.0, "warmup_epochs": 0})
     assert (settings.alpha, settings.beta, settings.warmup_epochs, settings.temperature) == (2.0, 8.0, 0, 3.0)
+    assert settings.logit_standardization is False
 
 
 def _dkd(student, teacher, **dkd):
@@ -81,6 +82,25 @@ def test_objective_terms_are_ce_plus_weighted_tckd_and_nckd():
         _, terms = _dkd(student, teacher, alpha=a, beta=b, warmup_epochs=0).forward_train(x, Y, BATCH)
         assert (terms["tckd"].item() == 0.0) == (a == 0.0)
         assert (terms["nckd"].item() == 0.0) == (b == 0.0)
+
+
+def test_logit_standardization_takes_tckd_and_nckd_between_standardized_logits():
+    torch.manual_seed(0)
+    student = models.build("student_cnn", 1, 4, 8, widths=[8])
+    teacher = models.build("student_cnn", 1, 4, 8, widths=[8]).eval()
+    x = torch.randn(3, 1, 8, 8)
+    objective = _dkd(student, teacher, alpha=0.5, beta=8.0, warmup_epochs=0, logit_standardization=True)
+    logits, terms = objective.forward_train(x, Y, BATCH)
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+    assert torch.equal(logits, s)
+    tckd, nckd = ref.dkd_terms(ref.standardize_rows(s).tolist(), ref.standardize_rows(t).tolist(), Y.tolist(), 4.0)
+    assert terms["tckd"].item() == pytest.approx(0.5 * tckd, rel=2e-3, abs=1e-7)
+    assert terms["nckd"].item() == pytest.approx(8.0 * nckd, rel=2e-3, abs=1e-7)
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(s, Y).item(), rel=1e-5)  # on the raw logits
+    plain_tckd, plain_nckd = ref.dkd_terms(s.tolist(), t.tolist(), Y.tolist(), 4.0)
+    assert (terms["tckd"].item(), terms["nckd"].item()) != pytest.approx((0.5 * plain_tckd, 8.0 * plain_nckd),
+                                                                          rel=1e-2)
 
 
 def test_objective_warms_the_dkd_terms_up_by_epoch():

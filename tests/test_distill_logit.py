@@ -45,6 +45,8 @@ def test_logit_is_registered_with_the_shared_values_it_reads():
     assert set(derived_fields(LogitSettings)) == {"temperature", "alpha", "teacher_targets"}
     settings = method_settings("logit", temperature=2.5, alpha=0.25, teacher_targets="online")
     assert (settings.temperature, settings.alpha, settings.teacher_targets) == (2.5, 0.25, "online")
+    assert settings.logit_standardization is False  # its one own setting, off by default
+    assert method_settings("logit", logit={"logit_standardization": True}).logit_standardization is True
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -80,6 +82,36 @@ def test_weights_are_alpha_and_one_minus_alpha():
     assert torch.equal(logits, s)
     assert losses["kd"].item() == pytest.approx(0.3 * ref.soft_kl(s, t, 2.0), rel=1e-5)
     assert losses["ce"].item() == pytest.approx(0.7 * F.cross_entropy(s, y).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_logit_standardization_takes_the_soft_term_between_standardized_logits(temperature):
+    student, teacher = TinyNet(0), TinyNet(1)
+    objective = build_method("logit", student, teacher, temperature=temperature, alpha=0.7,
+                             logit={"logit_standardization": True}).eval()
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    logits, losses = objective.forward_train(x, y, BATCH)
+    with torch.no_grad():
+        s, t = student(x), teacher.eval()(x)
+    assert torch.equal(logits, s)  # the student's own logits are returned, not standardised ones
+    expected = ref.soft_kl(ref.standardize_rows(s), ref.standardize_rows(t), temperature)
+    assert losses["kd"].item() == pytest.approx(0.7 * expected, rel=1e-5)
+    assert losses["ce"].item() == pytest.approx(0.3 * F.cross_entropy(s, y).item(), rel=1e-5)  # raw logits
+    assert losses["kd"].item() != pytest.approx(0.7 * ref.soft_kl(s, t, temperature), rel=1e-3)
+
+
+def test_with_logit_standardization_a_rescaled_teacher_has_nothing_to_distil():
+    """Standardised logits drop each sample's logit scale and offset: a teacher whose logits are
+    the student's times 5 plus 2 matches it exactly (plain KD does not)."""
+    student = TinyNet(0).eval()
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    with torch.no_grad():
+        table = (student(x) * 5 + 2)[None]  # one epoch of cached teacher logits
+    for standardize, zero in ((True, True), (False, False)):
+        objective = build_method("logit", student, CachedTeacher(table), temperature=4.0, alpha=0.9,
+                                 logit={"logit_standardization": standardize}).eval()
+        _, losses = objective.forward_train(x, y, BATCH)
+        assert (losses["kd"].item() == pytest.approx(0.0, abs=1e-5)) == zero
 
 
 def test_the_student_as_its_own_teacher_has_nothing_to_distil():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.distill.losses import label_ce, resize_map, soft_kl
+from kdpipe.distill.losses import label_ce, resize_map, soft_kl, standardize
 from tests import kd_reference as ref
 
 S = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, -0.4], [-1.0, 3.0, 0.5, 1.0]])
@@ -110,6 +110,46 @@ def test_label_ce_is_computed_in_float32_for_low_precision_logits():
     assert out.dtype == torch.float32
     assert out.item() == pytest.approx(F.cross_entropy(logits.bfloat16().float(), labels, label_smoothing=0.1).item(),
                                        rel=1e-6)
+
+
+# ---- standardize ------------------------------------------------------------------------------
+
+
+def test_standardize_hand_computed_value():
+    # [1, 2, 3, 6]: mean 3, population variance (4 + 1 + 0 + 9) / 4 = 3.5
+    out = standardize(torch.tensor([[1.0, 2.0, 3.0, 6.0]]))
+    sd = math.sqrt(3.5)
+    assert out.flatten().tolist() == pytest.approx([-2 / sd, -1 / sd, 0.0, 3 / sd], rel=1e-6)
+
+
+def test_standardize_gives_zero_mean_and_unit_population_std_per_row():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 10, generator=gen) * 5 + 3
+    out = standardize(z)
+    assert out.shape == z.shape and out.dtype == torch.float32
+    assert torch.allclose(out.mean(1), torch.zeros(6), atol=1e-6)
+    assert torch.allclose(out.std(1, correction=0), torch.ones(6), atol=1e-5)
+    expected = [ref.standardize(row) for row in z.double().tolist()]
+    assert out.tolist() == [pytest.approx(row, rel=1e-5, abs=1e-6) for row in expected]
+
+
+def test_standardize_is_invariant_to_shift_and_positive_scale_of_each_row():
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 7, generator=gen)
+    shift = torch.randn(5, 1, generator=gen) * 10
+    scale = torch.rand(5, 1, generator=gen) * 20 + 0.1
+    assert torch.allclose(standardize(z * scale + shift), standardize(z), atol=1e-5)
+    assert torch.allclose(standardize(-z), -standardize(z), atol=1e-6)  # a negative scale flips the sign
+    # so a loss on standardised logits no longer sees the logits' scale: that is what the option is for
+    assert soft_kl(standardize(3 * z + 1), standardize(z), 2.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_standardize_keeps_equal_logits_finite_and_low_precision_in_float32():
+    assert torch.equal(standardize(torch.full((2, 4), 3.0)), torch.zeros(2, 4))
+    z = torch.randn(3, 6)
+    out = standardize(z.bfloat16())
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, standardize(z.bfloat16().float()))
 
 
 # ---- resize_map -------------------------------------------------------------------------------

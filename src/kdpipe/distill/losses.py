@@ -20,6 +20,22 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row z-scored over the classes,
+    ``(z − mean(z)) / (std(z) + eps)``, in float32.
+
+    ``std`` is the population standard deviation (divisor K, the paper's definition); the
+    authors' code uses torch's default N − 1 divisor, i.e. logits larger by sqrt(K / (K − 1)),
+    the same as a temperature smaller by that factor. ``eps = 1e-7`` as in the authors' code
+    keeps a row of equal logits finite (it becomes all zeros). The result is invariant to
+    shifting a row by a constant and to scaling it by a positive factor.
+    """
+    z = logits.float()
+    mean = z.mean(dim=1, keepdim=True)
+    std = z.std(dim=1, keepdim=True, correction=0)
+    return (z - mean) / (std + eps)
+
+
 def resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize N×C×H×W maps to ``size``: area averaging when shrinking (each target cell is the
     mean of the region it covers), bilinear when enlarging; a no-op when sizes agree."""
