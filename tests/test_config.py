@@ -89,7 +89,7 @@ INVALID = [
     ("unknown deep key", with_value("data.augment.rotate", 15), "'data.augment.rotate'", "rotate"),
     ("unknown key in a method's section", with_value("kd.dkd.gamma", 2.0), "'kd.dkd.gamma'", "warmup_epochs"),
     ("shared value set in a method's section", with_value("kd.logit.temperature", 2.0), "'kd.logit.temperature'",
-     "no settings"),
+     "logit_standardization."),
     ("unknown key in an architecture's section", with_value("teacher.resnet18.depth", 34), "'teacher.resnet18.depth'",
      "width"),
     ("unknown key in a source's section", with_value("data.cifar10.sha1", "x"), "'data.cifar10.sha1'", "md5"),
@@ -139,7 +139,7 @@ def test_a_method_reads_the_shared_values_it_declares_and_only_those():
     shared = {f for f in SharedKd.__dataclass_fields__}
     for plugin in METHODS:
         assert set(derived_fields(plugin.settings)) <= shared, plugin.name
-    assert params_dict(params)["kd"]["logit"] == {}  # the shared value is not written into the section
+    assert params_dict(params)["kd"]["logit"] == {"logit_standardization": False}  # no shared value in it
 
 
 def test_shipped_params_file_is_valid_and_typed():
@@ -268,7 +268,7 @@ def test_section_values_are_validated_with_one_sentence(override, key):
 
 def test_a_section_without_settings_says_so():
     with pytest.raises(ConfigError, match="none \\(this section takes no settings\\)"):
-        parse_params({"kd": {"logit": {"alpha": 0.5}}})
+        parse_params({"data": {"digits": {"url": "x"}}})
 
 
 def test_section_values_accept_good_values():

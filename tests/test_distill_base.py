@@ -45,7 +45,7 @@ def _factory_signature(factory) -> inspect.Signature:
 
 
 def test_the_shipped_methods_are_registered():
-    assert set(METHODS.names()) == {"logit", "attention", "combined", "fitnets", "dkd", "multi_teacher"}
+    assert set(METHODS.names()) == {"logit", "attention", "combined", "fitnets", "dkd", "dist", "multi_teacher"}
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -104,7 +104,7 @@ def test_which_methods_need_the_live_teacher_and_which_read_its_logits():
     table = {name: (needs_teacher_module(name), reads_teacher_logits(name)) for name in METHODS.names()}
     assert table == {
         "logit": (False, True), "dkd": (False, True), "multi_teacher": (False, True),
-        "attention": (True, False), "fitnets": (True, False), "combined": (True, True),
+        "attention": (True, False), "fitnets": (True, False), "combined": (True, True), "dist": (False, True),
     }
 
 
