@@ -7,6 +7,10 @@ TCKD and NCKD (:func:`dkd_terms`) are each ``T² · KL`` averaged over the batch
 ``w`` is the paper's linear warm-up, ``min((epoch + 1) / warmup_epochs, 1)`` with the 0-based
 ``batch.epoch`` (mdistiller counts epochs from 1), ``1`` when ``warmup_epochs`` is 0.
 ``kd.alpha`` is not read. Teacher logits come from the teacher targets (cached or online).
+
+With mixed views (``data.augment.mix``) the labels are soft (N×K): the CE term uses them as
+they are, while TCKD/NCKD split the classes at the dominant label (``labels.argmax(1)``, the
+image whose weight is ≥ ½; at exactly ½ the lower class index).
 """
 
 from __future__ import annotations
@@ -49,7 +53,10 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
       non-target logits, i.e. ``p_i / (1 - p_target)``).
 
     Computed from log-sum-exps, so it stays finite for confident teachers and large T.
+    Soft ``labels`` (N×K, mixed views) count as their dominant class (the argmax).
     """
+    if labels.ndim == 2:
+        labels = labels.argmax(1)
     t = temperature
     s, z = student_logits.float() / t, teacher_logits.float() / t
     target = F.one_hot(labels, s.shape[1]).bool()
