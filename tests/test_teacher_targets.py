@@ -42,8 +42,8 @@ def make_params(bf16: str = "off", **changes):
     return parse_params(data)
 
 
-def _setup(bf16: str):
-    params = make_params(bf16)
+def _setup(bf16: str, **changes):
+    params = make_params(bf16, **changes)
     runtime = setup_runtime(params.runtime, seed=0)
     data = make_prepared(n_train=80, n_val=24, n_test=8, channels=3, size=8, classes=4, flip=True)
     torch.manual_seed(1)
@@ -98,8 +98,34 @@ def test_cached_targets_train_the_same_student_as_the_online_teacher(bf16, metho
     assert all(online_history[-1][term] > 0 for term in soft_terms[method])
 
 
-def test_cached_rows_are_the_online_teacher_outputs_on_the_same_views():
-    params, runtime, data, teacher = _setup("off")
+@pytest.mark.parametrize(("bf16", "method", "mix"), [
+    ("off", "logit", "mixup"), ("off", "dkd", "mixup"), ("off", "combined", "mixup"),
+    ("off", "logit", "cutmix"), ("off", "dkd", "cutmix"), ("off", "combined", "cutmix"),
+    ("auto", "logit", "mixup"), ("auto", "dkd", "cutmix"),
+])
+def test_cached_targets_on_mixed_views_train_the_same_student_as_the_online_teacher(bf16, method, mix):
+    """Consistent mixed views: the cache holds the teacher's outputs on the very mixed images
+    the student trains on (soft labels and all), so the student is the online one bit for bit."""
+    params, runtime, data, teacher = _setup(bf16, data__augment__mix=mix, data__augment__mix_alpha=0.8)
+    batches = _batches(params, data, runtime)
+    assert batches.describe()["mix"] == mix and batches.describe()["mix_alpha"] == 0.8
+    assert next(iter(batches.epoch(0))).labels.shape == (24, 4)  # soft labels
+    logits = compute_teacher_logits(teacher, data, params.student.epochs, batches, runtime)
+    plain = compute_teacher_logits(teacher, data, params.student.epochs,
+                                   _batches(params, data, runtime, augment=make_params(bf16).data.augment), runtime)
+    assert not np.allclose(logits, plain)  # the teacher did see other (mixed) images
+    online_state, online_history = _distill(params, runtime, data, OnlineTeacher(teacher, runtime), method)
+    cached_state, cached_history = _distill(params, runtime, data, CachedTeacher(logits, module=teacher), method)
+    assert online_history == cached_history
+    for name, value in online_state.items():
+        assert torch.equal(value, cached_state[name]), name
+    assert all(np.isfinite(v) for row in online_history for k, v in row.items() if k.startswith("train_"))
+    assert 0 <= online_history[-1]["train_acc"] <= 100
+
+
+@pytest.mark.parametrize("mix", ["none", "mixup", "cutmix"])
+def test_cached_rows_are_the_online_teacher_outputs_on_the_same_views(mix):
+    params, runtime, data, teacher = _setup("off", data__augment__mix=mix)
     batches = _batches(params, data, runtime, batch_size=32)
     logits = compute_teacher_logits(teacher, data, 2, batches, runtime)
     online = OnlineTeacher(teacher, runtime).to(memory_format=torch.channels_last)
@@ -198,6 +224,8 @@ def test_the_distill_run_reads_the_cache_the_stage_wrote_for_its_params(project)
     ({"seed": 4}, "seed"),
     ({"student__epochs": 4}, "epochs"),
     ({"runtime__channels_last": "off"}, "channels_last"),
+    ({"data__augment__mix": "mixup"}, "mix"),
+    ({"data__augment__mix": "cutmix"}, "mix"),
 ])
 def test_a_distill_run_with_other_batch_settings_than_the_cache_is_refused(project, change, key):
     build_teacher_targets(make_params())  # the cache: batch size 24, crop padding 2, flips, seed 3, 3 epochs
@@ -206,3 +234,22 @@ def test_a_distill_run_with_other_batch_settings_than_the_cache_is_refused(proje
     message = str(info.value)
     assert "computed for another run" in message and f"{key}: cache" in message, message
     assert "dvc repro" in message
+
+
+def test_a_cache_of_mixed_views_is_used_only_for_the_same_mixing(project):
+    """A cache made with MixUp at α = 0.5 serves that run only: another α, CutMix or no mixing
+    is refused, naming the key; without mixing, mix_alpha decides nothing and may differ."""
+    mixup = make_params(data__augment__mix="mixup", data__augment__mix_alpha=0.5)
+    meta = build_teacher_targets(mixup)
+    assert (meta["mix"], meta["mix_alpha"]) == ("mixup", 0.5)
+    assert isinstance(_source(mixup, project), CachedTeacher)
+    for change, expected in (({"data__augment__mix_alpha": 1.0}, "mix_alpha: cache 0.5 vs run 1.0"),
+                             ({"data__augment__mix": "cutmix"}, "mix: cache 'mixup' vs run 'cutmix'"),
+                             ({"data__augment__mix": "none"}, "mix: cache 'mixup' vs run 'none'")):
+        with pytest.raises(KdpipeError, match="computed for another run") as info:
+            _source(make_params(**{"data__augment__mix": "mixup", "data__augment__mix_alpha": 0.5, **change}), project)
+        assert expected in str(info.value), str(info.value)
+    build_teacher_targets(make_params())  # no mixing
+    assert isinstance(_source(make_params(data__augment__mix_alpha=3.0), project), CachedTeacher)
+    with pytest.raises(KdpipeError, match=r"mix: cache 'none' vs run 'mixup'"):
+        _source(make_params(data__augment__mix="mixup"), project)

@@ -14,6 +14,8 @@ from kdpipe.config import parse_params
 from kdpipe.data.loader import Normalizer, TrainingBatches
 from kdpipe.distill import CrossEntropyObjective
 from kdpipe.distill.base import BatchContext, Objective
+from kdpipe.distill.dkd import dkd_terms
+from kdpipe.distill.losses import label_ce
 from kdpipe.inference import loss_and_accuracy, predict_logits
 from kdpipe.runtime import setup_runtime
 from kdpipe.train import BestWeights, Optimisation, TrainJob, fit, make_optimizer, make_scheduler, train_epoch, validate
@@ -25,9 +27,9 @@ RUNTIME = {"device": "cpu", "threads": 1}
 HISTORY_COLUMNS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"}
 
 
-def make_params(student=None, runtime=None, crop_padding=1):
+def make_params(student=None, runtime=None, crop_padding=1, mix="none"):
     return parse_params({"student": {**STUDENT, **(student or {})}, "runtime": {**RUNTIME, **(runtime or {})},
-                         "data": {"augment": {"crop_padding": crop_padding, "flip": True}}})
+                         "data": {"augment": {"crop_padding": crop_padding, "flip": True, "mix": mix}}})
 
 
 def run_fit(seed: int, params=None, on_epoch=None, flip: bool = False, objective_for=CrossEntropyObjective):
@@ -247,3 +249,63 @@ def test_every_schedule_stays_positive_over_the_whole_run(schedule):
         assert used == [0.1] * 15
     if schedule == "cosine":  # 3 warm-up steps (20% of 15), then a half cosine
         assert used[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1]) and used[-1] < used[3]
+
+
+# ---- mixed views (soft labels) ----------------------------------------------------------------
+
+
+class SoftTerms(Objective):
+    """Predicts the dominant class of each soft label; term s = the labels' row sum (1)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(1, 1))
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward_train(self, images, labels, batch):
+        self.shapes.append(tuple(labels.shape))
+        zero = 0 * self.student.weight.sum()
+        return labels.float() + zero, {"s": labels.sum(1).mean() + zero}
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_train_epoch_counts_images_and_dominant_labels_of_mixed_batches(mix):
+    params = make_params({"batch_size": 24, "schedule": "constant", "optimizer": "sgd", "lr": 0.01}, mix=mix)
+    data = make_prepared(n_train=64)
+    runtime = setup_runtime(params.runtime, 0)
+    objective = SoftTerms()
+    job = TrainJob("soft", objective, data, params.student, params.data.augment, runtime, 0)
+    batches = TrainingBatches.for_run(data, 24, params.data.augment, 0, runtime)
+    opt = make_optimizer(objective.trainable_parameters(), params.student)
+    optim = Optimisation(opt, make_scheduler(opt, params.student, batches.steps),
+                         torch.amp.GradScaler("cpu", enabled=False))
+    row = train_epoch(job, batches, 0, optim, objective.forward_train)
+    assert objective.shapes == [(24, 4), (24, 4), (16, 4)]  # soft labels over the 4 classes
+    assert row["train_s"] == pytest.approx(1.0, abs=1e-6)  # averaged over images, not label entries
+    assert row["train_acc"] == 100.0  # the argmax of the soft label is the dominant class
+
+
+def test_every_label_term_accepts_the_soft_labels_of_mixed_batches():
+    """label_ce reads probability targets (label smoothing too); DKD splits the classes at the
+    dominant label. One-hot soft labels give exactly the hard-label losses."""
+    gen = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(12, 5, generator=gen), torch.randn(12, 5, generator=gen)
+    hard = torch.arange(12) % 5
+    one_hot = torch.nn.functional.one_hot(hard, 5).float()
+    for smoothing in (0.0, 0.1):
+        assert torch.allclose(label_ce(logits, one_hot, smoothing), label_ce(logits, hard, smoothing))
+    soft = 0.7 * one_hot + 0.3 * torch.nn.functional.one_hot((hard + 2) % 5, 5).float()
+    manual = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert torch.allclose(label_ce(logits, soft), manual)
+    for a, b in zip(dkd_terms(logits, teacher, soft, 4.0), dkd_terms(logits, teacher, hard, 4.0)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_the_baseline_learns_from_mixed_views_deterministically(mix):
+    params = make_params(mix=mix)
+    model_a, result_a, data = run_fit(0, params)
+    model_b, result_b, _ = run_fit(0, params)
+    assert history_without_timings(result_a.history) == history_without_timings(result_b.history)
+    assert all(torch.equal(v, model_b.state_dict()[k]) for k, v in model_a.state_dict().items())
+    assert result_a.best_val_accuracy >= 80.0
+    assert result_a.history[-1]["train_loss"] < result_a.history[0]["train_loss"]

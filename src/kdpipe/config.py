@@ -34,10 +34,14 @@ __all__ = ["AugmentConfig", "DataConfig", "EvaluateConfig", "KdConfig", "MlflowC
 class AugmentConfig(Settings):
     crop_padding: int = 1
     flip: bool = True
+    mix: Literal["none", "mixup", "cutmix"] = "none"  # teacher and student see the same mixed image
+    mix_alpha: float = 1.0  # the mixing weight λ ~ Beta(mix_alpha, mix_alpha)
 
     def check(self, key: str) -> None:
         if self.crop_padding < 0:
             fail(f"{key}.crop_padding", self.crop_padding, "an integer >= 0")
+        if self.mix_alpha <= 0:
+            fail(f"{key}.mix_alpha", self.mix_alpha, "a number > 0")
 
 
 class _DataChecks(Settings):

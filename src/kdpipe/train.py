@@ -132,10 +132,12 @@ def train_epoch(job: TrainJob, batches: TrainingBatches, epoch: int, optim: Opti
         with runtime.autocast():
             logits, losses = step_fn(batch.images, batch.labels, BatchContext(batch.indices, epoch))
         lr = optim.step(sum(losses.values()))
-        n = batch.labels.numel()
+        n = batch.labels.shape[0]
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() * n
-        correct += (logits.detach().argmax(1) == batch.labels).sum()
+        # mixed batches carry soft labels (N×K): a prediction is right when it is the dominant class
+        labels = batch.labels.argmax(1) if batch.labels.ndim == 2 else batch.labels
+        correct += (logits.detach().argmax(1) == labels).sum()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)  # time the work, not its queueing
     return {

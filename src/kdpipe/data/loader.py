@@ -1,5 +1,6 @@
 """In-memory batches: the data set stays a uint8 tensor; each batch is gathered,
-augmented with :mod:`kdpipe.data.views` and normalised in a few tensor ops."""
+augmented with :mod:`kdpipe.data.views` (crop, flip and, with ``data.augment.mix``, MixUp or
+CutMix with soft labels) and normalised in a few tensor ops."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kdpipe.data.prepare import Split
-from kdpipe.data.views import apply_views, make_views
+from kdpipe.data.views import MIX_KINDS, apply_mix, apply_views, epoch_order, make_mix, make_views, mix_labels
 
 
 def place_split(split: Split, device: torch.device, max_share: float = 0.25) -> Split:
@@ -21,12 +22,6 @@ def place_split(split: Split, device: torch.device, max_share: float = 0.25) -> 
         if split.images.numel() * split.images.element_size() > max_share * free:
             return Split(split.images.cpu().pin_memory(), split.labels.cpu().pin_memory())
     return Split(split.images.to(device), split.labels.to(device))
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The shuffled order of one epoch: a function of (seed, epoch) only."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
-    return torch.randperm(n, generator=gen)
 
 
 @dataclass
@@ -50,7 +45,7 @@ class Normalizer:
 class Batch:
     indices: torch.Tensor  # positions in the split (CPU int64), for reproducing views
     images: torch.Tensor  # normalised float N×C×H×W
-    labels: torch.Tensor
+    labels: torch.Tensor  # class indices (N, int64), or soft targets (N×K float32) when mixing
 
 
 def augmentation(augment, meta: dict) -> tuple[int, bool]:
@@ -68,6 +63,9 @@ def train_batches(
     normalize: Normalizer,
     memory_format: torch.memory_format = torch.contiguous_format,
     device: torch.device | str | None = None,
+    mix: str = "none",
+    mix_alpha: float = 1.0,
+    num_classes: int | None = None,
 ) -> Iterator[Batch]:
     """Shuffled, augmented batches of one epoch; deterministic in (seed, epoch).
 
@@ -76,24 +74,53 @@ def train_batches(
     until the last step: the gather, crop and flip move a quarter of the bytes float would.
     When ``split`` lives on the CPU and ``device`` is a GPU, each uint8 batch is copied
     through pinned memory without blocking (augmentation then runs on the GPU).
+
+    With ``mix`` ``"mixup"`` or ``"cutmix"`` each image is mixed with its partner's view of
+    the same epoch (:func:`kdpipe.data.views.make_mix`, also drawn up front: a function of
+    (seed, epoch, index) only) and the labels are soft targets over ``num_classes`` classes.
     """
+    if mix not in MIX_KINDS:
+        raise ValueError(f"mix must be one of {', '.join(MIX_KINDS)}, got {mix!r}")
+    if mix != "none" and not num_classes:
+        raise ValueError("mixing needs num_classes for its soft labels")
     device = torch.device(device) if device is not None else split.images.device
     source = split.images.device
     order = epoch_order(seed, epoch, len(split))
-    order_at_source = order if source.type == "cpu" else order.to(source)  # one copy per epoch, not per batch
-    views = make_views(seed, epoch, order, pad, flip) if pad > 0 or flip else None
-    if views is not None and device.type != "cpu":
-        views = views.to(device)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        src_idx = order_at_source[start : start + batch_size]
+
+    def at_source(idx: torch.Tensor) -> torch.Tensor:
+        return idx if source.type == "cpu" else idx.to(source)  # one copy per epoch, not per batch
+
+    def fetch(src_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw, labels = split.images[src_idx], split.labels[src_idx]
         if source.type == "cpu" and device.type == "cuda":  # data did not fit on the GPU
-            raw, labels = raw.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
-        elif source.type != device.type:
-            raw, labels = raw.to(device), labels.to(device)
+            return raw.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
+        if source.type != device.type:
+            return raw.to(device), labels.to(device)
+        return raw, labels
+
+    def on_device(x):
+        return x if x is None or device.type == "cpu" else x.to(device)
+
+    order_at_source = at_source(order)
+    augmenting = pad > 0 or flip
+    views = on_device(make_views(seed, epoch, order, pad, flip) if augmenting else None)
+    mixing = on_device(make_mix(seed, epoch, order, len(split), mix, mix_alpha, tuple(split.images.shape[-2:]))
+                       if mix != "none" else None)
+    if mixing is not None:
+        partner_at_source = at_source(mixing.partner)
+        partner_views = on_device(make_views(seed, epoch, mixing.partner, pad, flip) if augmenting else None)
+    for start in range(0, len(order), batch_size):
+        rows = slice(start, start + batch_size)
+        idx = order[rows]
+        raw, labels = fetch(order_at_source[rows])
         if views is not None:
-            raw = apply_views(raw, views[start : start + batch_size], pad)
+            raw = apply_views(raw, views[rows], pad)
+        if mixing is not None:
+            other, other_labels = fetch(partner_at_source[rows])
+            if partner_views is not None:
+                other = apply_views(other, partner_views[rows], pad)
+            mixed = mixing[rows]
+            raw, labels = apply_mix(raw, other, mixed), mix_labels(labels, other_labels, mixed, num_classes)
         x = normalize(raw.contiguous(memory_format=memory_format))
         yield Batch(idx, x, labels)
 
@@ -129,6 +156,9 @@ class TrainingBatches:
     normalize: Normalizer
     memory_format: torch.memory_format
     device: torch.device
+    mix: str = "none"  # none | mixup | cutmix (data.augment.mix)
+    mix_alpha: float = 1.0  # λ ~ Beta(mix_alpha, mix_alpha)
+    num_classes: int = 0  # for the soft labels of mixed batches
 
     @classmethod
     def for_run(cls, data, batch_size: int, augment, seed: int, runtime) -> "TrainingBatches":
@@ -137,7 +167,7 @@ class TrainingBatches:
         pad, flip = augmentation(augment, data.meta)
         return cls(place_split(data.train, runtime.device), batch_size, seed, pad, flip,
                    Normalizer.from_meta(data.meta["mean"], data.meta["std"], runtime.device),
-                   runtime.memory_format, runtime.device)
+                   runtime.memory_format, runtime.device, augment.mix, float(augment.mix_alpha), data.num_classes)
 
     @property
     def steps(self) -> int:
@@ -146,9 +176,11 @@ class TrainingBatches:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         return train_batches(self.split, self.batch_size, self.seed, epoch, self.pad, self.flip, self.normalize,
-                             self.memory_format, self.device)
+                             self.memory_format, self.device, self.mix, self.mix_alpha, self.num_classes)
 
     def describe(self) -> dict:
-        """Everything that decides the batches, besides the training images themselves."""
+        """Everything that decides the batches, besides the training images themselves
+        (``mix_alpha`` only when mixing: null otherwise, as it then decides nothing)."""
         return {"seed": self.seed, "batch_size": self.batch_size, "crop_padding": self.pad, "flip": self.flip,
+                "mix": self.mix, "mix_alpha": self.mix_alpha if self.mix != "none" else None,
                 "channels_last": self.memory_format == torch.channels_last, "device": self.device.type}

@@ -11,6 +11,10 @@ With ``kd.dkd.logit_standardization`` (Sun et al., CVPR 2024) TCKD and NCKD are 
 z-scored logits of student and teacher (:func:`kdpipe.distill.losses.standardize`) at the same
 ``kd.temperature`` (the paper used a lower base temperature with them, T = 2 typical on CIFAR-100);
 the label term uses the raw logits.
+
+With mixed views (``data.augment.mix``) the labels are soft (N×K): the CE term uses them as
+they are, while TCKD/NCKD split the classes at the dominant label (``labels.argmax(1)``, the
+image whose weight is ≥ ½; at exactly ½ the lower class index).
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
       non-target logits, i.e. ``p_i / (1 - p_target)``).
 
     Computed from log-sum-exps, so it stays finite for confident teachers and large T.
+    Soft ``labels`` (N×K, mixed views) count as their dominant class (the argmax).
     """
+    if labels.ndim == 2:
+        labels = labels.argmax(1)
     t = temperature
     s, z = student_logits.float() / t, teacher_logits.float() / t
     target = F.one_hot(labels, s.shape[1]).bool()
