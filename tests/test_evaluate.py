@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from kdpipe import models
+from kdpipe import models, paths
+from kdpipe.config import parse_params
 from kdpipe.data.loader import Normalizer
-from kdpipe.evaluate import compare_to_teacher, confusion_matrix, evaluate_model, per_class_accuracy
+from kdpipe.errors import ConfigError
+from kdpipe.evaluate import (
+    compare_to_baseline,
+    compare_to_teacher,
+    confusion_matrix,
+    evaluate_all,
+    evaluate_model,
+    mlflow_metrics,
+    per_class_accuracy,
+)
+from kdpipe.io import save_torch, write_csv, write_json
 from tests.conftest import make_prepared
 
 
@@ -79,6 +94,9 @@ def test_evaluate_model_with_known_predictions():
     metrics, conf, got = evaluate_model(model, data.test, normalize, 4, batch_size=20, warmup=1, runs=3)
     assert torch.equal(got, preds)
     assert metrics["test_accuracy"] == pytest.approx(85.0)
+    # Wilson, p = 0.85, n = 20, z² = 3.8416: centre = (0.85 + 3.8416/40) / (1 + 3.8416/20) = 0.793604,
+    # half = 1.96·sqrt(0.85·0.15/20 + 3.8416/1600) / 1.19208 = 0.154028
+    assert metrics["test_accuracy_ci95"] == pytest.approx([63.9577, 94.7632], abs=1e-4)
     assert torch.equal(conf, confusion_matrix(labels, preds, 4))
     expected_per_class = [100.0 * int(((labels == c) & (preds == c)).sum()) / int((labels == c).sum()) for c in range(4)]
     assert metrics["per_class_accuracy"] == pytest.approx(expected_per_class, abs=1e-4)
@@ -93,8 +111,10 @@ def test_evaluate_model_returns_the_documented_keys():
     model = models.build("student_cnn", 1, data.num_classes, 8, widths=[8, 16], dropout=0.0).eval()
     normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
     metrics, conf, preds = evaluate_model(model, data.test, normalize, data.num_classes, 16, warmup=1, runs=3)
-    assert set(metrics) == {"test_accuracy", "params", "size_mb", "latency_ms_b1", "throughput_ips", "threads",
-                            "per_class_accuracy"}
+    assert set(metrics) == {"test_accuracy", "test_accuracy_ci95", "params", "size_mb", "latency_ms_b1",
+                            "throughput_ips", "threads", "per_class_accuracy"}
+    low, high = metrics["test_accuracy_ci95"]
+    assert 0 <= low <= metrics["test_accuracy"] <= high <= 100
     assert metrics["params"] == models.count_params(model)
     assert metrics["size_mb"] == pytest.approx(models.size_mb(model), abs=1e-6)
     assert metrics["latency_ms_b1"] > 0 and metrics["throughput_ips"] > 0
@@ -104,3 +124,101 @@ def test_evaluate_model_returns_the_documented_keys():
     acc = (preds == data.test.labels).float().mean().item() * 100
     assert metrics["test_accuracy"] == pytest.approx(acc, abs=1e-3)
     assert not model.training
+
+
+# ---- paired statistics: each distilled student against the baseline ---------------------------
+
+N_TEST = 40
+
+
+def _correct(right: list[int]) -> np.ndarray:
+    mask = np.zeros(N_TEST, dtype=bool)
+    mask[right] = True
+    return mask
+
+
+# 40 test images: the teacher gets 36 right, the baseline 30 (images 0-29), the student 34: it
+# loses 2 of the baseline's (0, 1) and wins 6 more (30-35). Discordant pairs b=6, c=2.
+TEACHER_RIGHT = _correct(list(range(36)))
+BASELINE_RIGHT = _correct(list(range(30)))
+STUDENT_RIGHT = _correct(list(range(2, 36)))
+
+
+def test_compare_to_baseline_hand_example():
+    out = compare_to_baseline(STUDENT_RIGHT, BASELINE_RIGHT, TEACHER_RIGHT, resamples=2000, seed=42)
+    assert set(out) == {"accuracy_diff_vs_baseline", "accuracy_diff_ci95", "mcnemar_p", "gap_closed"}
+    assert out["accuracy_diff_vs_baseline"] == pytest.approx(10.0)  # (34 − 30) / 40 in points
+    low, high = out["accuracy_diff_ci95"]
+    assert low < 10.0 < high and high - low < 40
+    assert out["mcnemar_p"] == pytest.approx(74 / 256, abs=1e-6)  # 2·(C(8,0)+C(8,1)+C(8,2))/2^8
+    assert out["gap_closed"] == pytest.approx(round(4 / 6, 4))  # (34 − 30) / (36 − 30)
+    assert compare_to_baseline(STUDENT_RIGHT, BASELINE_RIGHT, TEACHER_RIGHT, 2000, 42) == out  # seeded
+    json.dumps(out, allow_nan=False)  # plain JSON values
+
+
+def test_compare_to_baseline_gap_is_null_when_the_teacher_is_not_above_the_baseline():
+    out = compare_to_baseline(STUDENT_RIGHT, BASELINE_RIGHT, BASELINE_RIGHT.copy(), 2000, 0)
+    assert out["gap_closed"] is None
+    same = compare_to_baseline(BASELINE_RIGHT, BASELINE_RIGHT, TEACHER_RIGHT, 2000, 0)
+    assert same["accuracy_diff_vs_baseline"] == 0 and same["accuracy_diff_ci95"] == [0, 0]
+    assert same["mcnemar_p"] == 1.0 and same["gap_closed"] == 0
+
+
+def test_mlflow_metrics_splits_intervals_and_drops_nulls():
+    metrics = {"test_accuracy": 85.0, "test_accuracy_ci95": [63.9, 94.7], "accuracy_diff_ci95": [-1.5, 2.25],
+               "mcnemar_p": 0.25, "gap_closed": None, "params": 10}
+    assert mlflow_metrics("distilled_logit", metrics) == {
+        "distilled_logit.test_accuracy": 85.0,
+        "distilled_logit.test_accuracy_ci95_low": 63.9, "distilled_logit.test_accuracy_ci95_high": 94.7,
+        "distilled_logit.accuracy_diff_ci95_low": -1.5, "distilled_logit.accuracy_diff_ci95_high": 2.25,
+        "distilled_logit.mcnemar_p": 0.25, "distilled_logit.params": 10,
+    }
+
+
+def test_bootstrap_resamples_is_validated():
+    assert parse_params({}).evaluate.bootstrap_resamples == 2000
+    assert parse_params({"evaluate": {"bootstrap_resamples": 5000}}).evaluate.bootstrap_resamples == 5000
+    with pytest.raises(ConfigError, match=r"evaluate\.bootstrap_resamples=100 .*expected an integer >= 1000"):
+        parse_params({"evaluate": {"bootstrap_resamples": 100}})
+
+
+def test_evaluate_all_writes_the_paired_statistics(tmp_path, monkeypatch):
+    """The evaluate stage on a synthetic project whose models give known answers."""
+    monkeypatch.chdir(tmp_path)
+    data = make_prepared(n_test=N_TEST, classes=4)
+    for split in ("train", "val", "test"):
+        part = getattr(data, split)
+        save_torch(paths.PREPARED_DIR / f"{split}.pt", {"images": part.images, "labels": part.labels})
+    write_json(paths.PREPARED_DIR / "meta.json", data.meta)
+    labels = data.test.labels
+    right = {paths.TEACHER: TEACHER_RIGHT, paths.BASELINE: BASELINE_RIGHT, "distilled_logit": STUDENT_RIGHT}
+    for name in right:
+        write_csv(paths.history_path(name), [{"model": name, "epoch": 1, "train_loss": 1.0, "train_acc": 50.0,
+                                              "val_loss": 1.0, "val_acc": 50.0}])
+
+    def fake_load(path):
+        name = Path(path).stem
+        answers = torch.where(torch.from_numpy(right[name]), labels, (labels + 1) % 4)
+        return FixedPredictor(answers, 4), {}
+
+    monkeypatch.setattr(models, "load", fake_load)
+    params = parse_params({"kd": {"methods": ["logit"]}, "mlflow": {"enabled": False},
+                           "evaluate": {"batch_size": N_TEST, "latency_warmup": 1, "latency_runs": 2},
+                           "runtime": {"device": "cpu", "threads": 1}})
+    results = evaluate_all(params)
+    written = json.loads((paths.METRICS_DIR / "evaluation.json").read_text())
+    assert written == results
+    assert list(written) == ["teacher", "baseline", "distilled_logit"]
+    for name, m in written.items():
+        low, high = m["test_accuracy_ci95"]
+        assert low < m["test_accuracy"] < high, name
+        assert "accuracy_diff_vs_baseline" not in m or name == "distilled_logit"
+    student = written["distilled_logit"]
+    assert student["test_accuracy"] == pytest.approx(85.0)
+    assert student["accuracy_diff_vs_baseline"] == pytest.approx(10.0)
+    low, high = student["accuracy_diff_ci95"]
+    assert low < 10.0 < high
+    assert student["mcnemar_p"] == pytest.approx(74 / 256, abs=1e-6)
+    assert student["gap_closed"] == pytest.approx(0.6667)
+    # seeded by params.seed: the interval is the pure function's for that seed
+    assert student == {**student, **compare_to_baseline(STUDENT_RIGHT, BASELINE_RIGHT, TEACHER_RIGHT, 2000, 42)}

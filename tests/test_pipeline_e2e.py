@@ -25,6 +25,7 @@ ALL_STAGES = ["download", "prepare", "train_teacher", "train_student", "teacher_
 DOWNSTREAM_OF_KD = ["kd_settings", "distill@logit", "evaluate", "report"]
 MODEL_KEYS = {"test_accuracy", "params", "size_mb", "latency_ms_b1", "throughput_ips"}
 STUDENT_KEYS = MODEL_KEYS | {"compression_ratio", "speedup", "accuracy_drop", "efficiency"}
+PAIRED_KEYS = {"accuracy_diff_vs_baseline", "accuracy_diff_ci95", "mcnemar_p", "gap_closed"}
 FIGURES = ["accuracy.png", "training_curves.png", "confusion_matrices.png", "predictions.png",
            "accuracy_vs_latency.png", "accuracy_vs_size.png"]
 EXP_NAME = "kd-t3"
@@ -131,6 +132,21 @@ def test_evaluation_json_has_every_model_with_the_documented_keys(project):
     assert evaluation["teacher"]["test_accuracy"] > 50 and evaluation["baseline"]["test_accuracy"] > 50
     for m in evaluation.values():
         assert 0 <= m["test_accuracy"] <= 100 and m["latency_ms_b1"] > 0 and m["throughput_ips"] > 0
+        low, high = m["test_accuracy_ci95"]  # Wilson, percent (a list: `dvc metrics` leaves it out)
+        assert 0 <= low <= m["test_accuracy"] <= high <= 100
+    # the distilled student against the baseline, on the same test images
+    student, baseline = evaluation["distilled_logit"], evaluation["baseline"]
+    assert PAIRED_KEYS <= set(student) and not PAIRED_KEYS & set(baseline)
+    diff = student["accuracy_diff_vs_baseline"]
+    assert diff == pytest.approx(student["test_accuracy"] - baseline["test_accuracy"], abs=1e-3)
+    low, high = student["accuracy_diff_ci95"]
+    assert low <= diff <= high
+    assert 0 < student["mcnemar_p"] <= 1
+    teacher_gap = evaluation["teacher"]["test_accuracy"] - baseline["test_accuracy"]
+    if teacher_gap > 0:
+        assert student["gap_closed"] == pytest.approx(diff / teacher_gap, abs=1e-3)
+    else:
+        assert student["gap_closed"] is None
 
 
 def test_report_and_figures(project):
@@ -142,6 +158,14 @@ def test_report_and_figures(project):
     for name, metrics in project.results["exp_evaluation"].items():
         assert f"| {name} | {metrics['test_accuracy']:.2f} |" in report
     assert "T=3.0" in report
+    assert "| 95% CI (%) | vs baseline (pt) [95% CI] | McNemar p | Gap closed |" in report
+    student = project.results["exp_evaluation"]["distilled_logit"]
+    low, high = student["accuracy_diff_ci95"]
+    assert f"| {student['accuracy_diff_vs_baseline']:+.2f} [{low:+.2f} to {high:+.2f}] |" in report
+    headline = next(line for line in report.splitlines() if line.startswith("Best distilled student"))
+    assert f"(95% CI {low:+.2f} to {high:+.2f}, McNemar p" in headline
+    assert re.search(r": (not significant|significantly (better|worse) than the baseline) on [\d,]+ test images",
+                     headline), headline
     for figure in FIGURES:
         path = root / "reports" / "figures" / figure
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure

@@ -171,6 +171,7 @@ class EvaluateConfig(Settings):
     batch_size: int = 256
     latency_warmup: int = 10
     latency_runs: int = 50
+    bootstrap_resamples: int = 2000
 
     def check(self, key: str) -> None:
         for name in ("batch_size", "latency_runs"):
@@ -178,6 +179,9 @@ class EvaluateConfig(Settings):
                 fail(f"{key}.{name}", getattr(self, name), "an integer > 0")
         if self.latency_warmup < 0:
             fail(f"{key}.latency_warmup", self.latency_warmup, "an integer >= 0")
+        if self.bootstrap_resamples < 1000:
+            fail(f"{key}.bootstrap_resamples", self.bootstrap_resamples,
+                 "an integer >= 1000 (fewer make the ends of a 95% interval noisy)")
 
 
 @dataclass(frozen=True)

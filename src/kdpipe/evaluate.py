@@ -1,5 +1,6 @@
-"""Accuracy, per-class accuracy, confusion, size, parameters, latency and the
-teacher-relative ratios that tell what distillation bought."""
+"""Accuracy (with its 95% Wilson interval), per-class accuracy, confusion, size, parameters,
+latency, the teacher-relative ratios that tell what distillation bought, and each distilled
+student's paired comparison with the baseline on the same test images (:mod:`kdpipe.stats`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import statistics
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +21,7 @@ from kdpipe.inference import predict_logits
 from kdpipe.io import write_csv, write_json
 from kdpipe.models import count_params, size_mb
 from kdpipe.runtime import setup_runtime
+from kdpipe.stats import discordant_pairs, gap_closed, mcnemar_exact_p, paired_bootstrap_diff, wilson_interval
 from kdpipe.tracking import stage_run
 
 
@@ -72,8 +75,11 @@ def evaluate_model(model: nn.Module, test: Split, normalize: Normalizer, num_cla
     conf = confusion_matrix(test.labels, preds, num_classes)
     example = normalize(test.images[:1])
     batch = normalize(test.images[:batch_size])
+    correct = int((preds == test.labels).sum())
+    low, high = wilson_interval(correct, len(test.labels))
     metrics = {
-        "test_accuracy": round(float((preds == test.labels).float().mean()) * 100.0, 4),
+        "test_accuracy": round(correct / len(test.labels) * 100.0, 4),
+        "test_accuracy_ci95": [round(low * 100.0, 4), round(high * 100.0, 4)],
         "params": count_params(model),
         "size_mb": round(size_mb(model), 6),
         "latency_ms_b1": round(latency_ms(model, example, warmup, runs), 6),
@@ -95,6 +101,35 @@ def compare_to_teacher(student: dict[str, Any], teacher: dict[str, Any]) -> dict
     }
 
 
+def compare_to_baseline(student: np.ndarray, baseline: np.ndarray, teacher: np.ndarray, resamples: int,
+                        seed: int) -> dict[str, Any]:
+    """A distilled student against the baseline on the same test images, from per-image
+    correctness vectors: the accuracy difference in points with its 95% paired bootstrap
+    interval, the exact McNemar p-value, and the share of the teacher–baseline gap closed
+    (``None`` when the teacher is not above the baseline)."""
+    diff, low, high = paired_bootstrap_diff(student, baseline, resamples, seed)
+    b, c = discordant_pairs(student, baseline)
+    closed = gap_closed(float(student.mean()), float(baseline.mean()), float(teacher.mean()))
+    return {
+        "accuracy_diff_vs_baseline": round(diff * 100.0, 4),
+        "accuracy_diff_ci95": [round(low * 100.0, 4), round(high * 100.0, 4)],
+        "mcnemar_p": float(f"{mcnemar_exact_p(b, c):.6g}"),
+        "gap_closed": None if closed is None else round(closed, 4),
+    }
+
+
+def mlflow_metrics(name: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """``name.key`` for every number; a ``[low, high]`` interval becomes ``name.key_low`` and
+    ``name.key_high``; ``None`` (an undefined ``gap_closed``) is left out."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            out[f"{name}.{key}_low"], out[f"{name}.{key}_high"] = float(value[0]), float(value[1])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{name}.{key}"] = value
+    return out
+
+
 def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
     """Evaluate every model side by side and write metrics/evaluation.json and the plots."""
     runtime = setup_runtime(params.runtime, params.seed)
@@ -104,6 +139,7 @@ def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     per_class_rows, point_rows, curve_rows = [], [], []
     predictions: dict[str, list[int]] = {}
+    correct: dict[str, np.ndarray] = {}
     with stage_run("evaluate", params) as run:
         for name in names:
             model, _meta = models.load(paths.model_path(name))
@@ -117,6 +153,7 @@ def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
                 metrics.update(compare_to_teacher(metrics, results[paths.TEACHER]))
             results[name] = metrics
             predictions[name] = preds.tolist()
+            correct[name] = (preds == data.test.labels).numpy()
             per_class_rows += [{"model": name, "class": c, "accuracy": a} for c, a in zip(data.class_names, per_class)]
             point_rows.append({"model": name, **{k: metrics[k] for k in
                                ("test_accuracy", "latency_ms_b1", "size_mb", "params")}})
@@ -124,6 +161,16 @@ def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
             curve_rows += _read_history(name)
             print(f"{name}: test accuracy {metrics['test_accuracy']:.2f}%, {metrics['params']:,} params, "
                   f"{metrics['latency_ms_b1']:.3f} ms/image")
+        for name in names:
+            if paths.is_distilled(name):
+                results[name].update(compare_to_baseline(
+                    correct[name], correct[paths.BASELINE], correct[paths.TEACHER],
+                    params.evaluate.bootstrap_resamples, params.seed,
+                ))
+                m = results[name]
+                low, high = m["accuracy_diff_ci95"]
+                print(f"{name} vs baseline: {m['accuracy_diff_vs_baseline']:+.2f} points "
+                      f"(95% CI {low:+.2f} to {high:+.2f}), McNemar p={m['mcnemar_p']:.3g}")
         write_json(paths.METRICS_DIR / "evaluation.json", results)
         write_csv(paths.PLOTS_DIR / "per_class_accuracy.csv", per_class_rows)
         write_csv(paths.PLOTS_DIR / "accuracy_vs_cost.csv", point_rows)
@@ -133,7 +180,7 @@ def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
             for i, label in enumerate(data.test.labels.tolist())
         ])
         for name, metrics in results.items():
-            run.log_metrics({f"{name}.{k}": v for k, v in metrics.items()})
+            run.log_metrics(mlflow_metrics(name, metrics))
         run.log_artifact(paths.METRICS_DIR / "evaluation.json")
     return results
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,60 @@ from kdpipe.config import Params  # noqa: E402
 from kdpipe.data.prepare import PreparedData, load_prepared  # noqa: E402
 from kdpipe.evaluate import confusion_matrix  # noqa: E402
 from kdpipe.io import atomic_path, read_json  # noqa: E402
+from kdpipe.stats import is_significant  # noqa: E402
 from kdpipe.tracking import stage_run  # noqa: E402
 from kdpipe.validation import as_dict  # noqa: E402
 
-TABLE_COLUMNS = [
-    ("test_accuracy", "Test acc. (%)", "{:.2f}"),
-    ("accuracy_drop", "Drop vs teacher (pt)", "{:+.2f}"),
-    ("params", "Params", "{:,}"),
-    ("size_mb", "Size (MB)", "{:.3f}"),
-    ("latency_ms_b1", "Latency b=1 (ms)", "{:.3f}"),
-    ("throughput_ips", "Throughput (img/s)", "{:,.0f}"),
-    ("speedup", "Speed-up", "{:.2f}×"),
-    ("compression_ratio", "Compression", "{:.1f}×"),
-    ("efficiency", "Efficiency", "{:.1f}"),
+def _interval(value: Any, digits: int = 2, signed: bool = False) -> str | None:
+    """``[low, high]`` as ``low to high`` text (``None`` when absent)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"{fmt.format(value[0])} to {fmt.format(value[1])}"
+
+
+def _p_value(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def _p_text(p: float) -> str:
+    """``p=0.14`` or ``p<0.001``."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3g}"
+
+
+def _diff_cell(m: dict[str, Any]) -> str | None:
+    if "accuracy_diff_vs_baseline" not in m:
+        return None
+    diff = f"{m['accuracy_diff_vs_baseline']:+.2f}"
+    interval = _interval(m.get("accuracy_diff_ci95"), signed=True)
+    return f"{diff} [{interval}]" if interval else diff
+
+
+def _gap_cell(m: dict[str, Any]) -> str | None:
+    if "accuracy_diff_vs_baseline" not in m:
+        return None
+    return "n/a" if m.get("gap_closed") is None else f"{m['gap_closed'] * 100:.0f}%"
+
+
+def _simple(key: str, fmt: str) -> Callable[[dict[str, Any]], str | None]:
+    return lambda m: fmt.format(m[key]) if key in m and m[key] is not None else None
+
+
+# (title, cell) for each column of the comparison table; a cell of None is shown as "–".
+TABLE_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str | None]]] = [
+    ("Test acc. (%)", _simple("test_accuracy", "{:.2f}")),
+    ("95% CI (%)", lambda m: _interval(m.get("test_accuracy_ci95"))),
+    ("vs baseline (pt) [95% CI]", _diff_cell),
+    ("McNemar p", lambda m: _p_value(m["mcnemar_p"]) if m.get("mcnemar_p") is not None else None),
+    ("Gap closed", _gap_cell),
+    ("Drop vs teacher (pt)", _simple("accuracy_drop", "{:+.2f}")),
+    ("Params", _simple("params", "{:,}")),
+    ("Size (MB)", _simple("size_mb", "{:.3f}")),
+    ("Latency b=1 (ms)", _simple("latency_ms_b1", "{:.3f}")),
+    ("Throughput (img/s)", _simple("throughput_ips", "{:,.0f}")),
+    ("Speed-up", _simple("speedup", "{:.2f}×")),
+    ("Compression", _simple("compression_ratio", "{:.1f}×")),
+    ("Efficiency", _simple("efficiency", "{:.1f}")),
 ]
 
 
@@ -46,25 +88,82 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def comparison_table(evaluation: dict[str, dict[str, Any]]) -> str:
-    header = "| Model | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
+    header = "| Model | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
     for name, metrics in evaluation.items():
-        cells = [fmt.format(metrics[key]) if key in metrics else "–" for key, _, fmt in TABLE_COLUMNS]
+        cells = [cell(metrics) or "–" for _, cell in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_accuracy_bars(evaluation: dict[str, dict[str, Any]], path: Path) -> None:
+    """Test accuracy per model, with its 95% Wilson interval as an error bar."""
     names = list(evaluation)
     accs = [evaluation[n]["test_accuracy"] for n in names]
+    intervals = [evaluation[n].get("test_accuracy_ci95") or [a, a] for n, a in zip(names, accs)]
+    errors = [[a - lo for a, (lo, _) in zip(accs, intervals)], [hi - a for a, (_, hi) in zip(accs, intervals)]]
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.5))
-    bars = ax.bar(names, accs, color=["#4c72b0"] + ["#dd8452"] + ["#55a868"] * (len(names) - 2))
-    ax.bar_label(bars, fmt="%.2f")
+    bars = ax.bar(names, accs, yerr=errors, capsize=4, error_kw={"elinewidth": 1, "ecolor": "#333333"},
+                  color=["#4c72b0"] + ["#dd8452"] + ["#55a868"] * (len(names) - 2))
+    ax.bar_label(bars, fmt="%.2f", label_type="center", color="white", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(max(0.0, min(accs) - 10), 100)
-    ax.set_title("Test accuracy")
+    ax.set_ylim(max(0.0, min(lo for lo, _ in intervals) - 10), 100)
+    ax.set_title("Test accuracy (error bars: 95% Wilson interval)")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     _save(fig, path)
+
+
+def _verdict(m: dict[str, Any], test_images: int) -> str:
+    """Plain words on whether a student's difference from the baseline is more than noise."""
+    low, high = m["accuracy_diff_ci95"]
+    p = m["mcnemar_p"]
+    diff = m["accuracy_diff_vs_baseline"]
+    measured = (f"{diff:+.2f} points against the baseline (95% CI {low:+.2f} to {high:+.2f}, "
+                f"McNemar {_p_text(p)})")
+    on = f"on {test_images:,} test images"
+    if is_significant(low, high, p):
+        word = "significantly better than" if diff > 0 else "significantly worse than"
+        return f"{measured}: {word} the baseline {on}"
+    if low > 0 or high < 0:
+        return f"{measured}: not significant {on} (the interval excludes 0, but McNemar p is not below 0.05)"
+    if p < 0.05:
+        return f"{measured}: not significant {on} (McNemar p < 0.05, but the interval includes 0)"
+    return f"{measured}: not significant {on}"
+
+
+def _gap_words(m: dict[str, Any]) -> str:
+    if m.get("gap_closed") is None:
+        return "the teacher is not above the baseline, so there is no teacher–baseline gap to close"
+    return f"it closes {m['gap_closed'] * 100:.0f}% of the teacher–baseline gap"
+
+
+def headline(evaluation: dict[str, dict[str, Any]], test_images: int) -> list[str]:
+    """The best distilled student(s) against the baseline, in plain words. Ties are named as ties."""
+    students = {n: m for n, m in evaluation.items() if paths.is_distilled(n)}
+    if not students or paths.BASELINE not in evaluation:
+        return []
+    top = max(m["test_accuracy"] for m in students.values())
+    best = [n for n, m in students.items() if m["test_accuracy"] == top]
+    lines = []
+    if len(best) > 1:
+        lines += [f"Best distilled students: a tie at {top:.2f}% between " + ", ".join(f"**{n}**" for n in best)
+                  + ".", ""]
+    for name in best:
+        m = students[name]
+        ci = _interval(m.get("test_accuracy_ci95"))
+        acc = f"{m['test_accuracy']:.2f}%" + (f" (95% CI {ci}%)" if ci else "")
+        if "accuracy_diff_ci95" in m and "mcnemar_p" in m:
+            against = _verdict(m, test_images) + f"; {_gap_words(m)}"
+        else:
+            gain = m["test_accuracy"] - evaluation[paths.BASELINE]["test_accuracy"]
+            against = f"{gain:+.2f} points against the baseline"
+        lead = "Best distilled student" if len(best) == 1 else "Tied"
+        lines += [
+            f"{lead}: **{name}** at {acc}, {against}. Against the teacher: "
+            f"{0.0 - m.get('accuracy_drop', 0):+.2f} points, with {m.get('compression_ratio', 0):.1f}× fewer bytes.",
+            "",
+        ]
+    return lines
 
 
 def plot_curves(curves: list[dict[str, str]], path: Path) -> None:
@@ -164,8 +263,6 @@ def write_report(
 
     rel = figures_dir.relative_to(out_path.parent)
     teacher = evaluation.get(paths.TEACHER, {})
-    students = {n: m for n, m in evaluation.items() if paths.is_distilled(n)}
-    best = max(students, key=lambda n: students[n]["test_accuracy"]) if students else None
     lines = [
         "# kdpipe report",
         "",
@@ -179,19 +276,19 @@ def write_report(
         "",
         comparison_table(evaluation),
         "",
+        f"All on the same {len(labels):,} test images (one image = {100 / max(len(labels), 1):.2f} points). "
+        "95% CI: Wilson interval of each accuracy. vs baseline: a distilled student's accuracy minus the "
+        "baseline's, with a 95% paired bootstrap interval over the test images (seeded by `seed`); McNemar p: "
+        "exact two-sided test on the images exactly one of the two gets right. A difference counts as "
+        "significant when the interval excludes 0 and p < 0.05. Gap closed: (student − baseline) / "
+        "(teacher − baseline); n/a when the teacher is not above the baseline.",
+        "",
         f"Latency: median of single-image forward passes in float32 on {teacher.get('threads', '?')} CPU thread(s) "
         "after warm-up. Size: parameters + buffers. Speed-up, compression and drop are relative to the teacher; "
         "efficiency is accuracy / (size MB × latency ms).",
         "",
     ]
-    if best is not None and paths.BASELINE in evaluation:
-        gain = evaluation[best]["test_accuracy"] - evaluation[paths.BASELINE]["test_accuracy"]
-        lines += [
-            f"Best distilled student: **{best}** at {evaluation[best]['test_accuracy']:.2f}% "
-            f"({gain:+.2f} points against the baseline, {-evaluation[best].get('accuracy_drop', 0):+.2f} against the "
-            f"teacher) with {evaluation[best].get('compression_ratio', 0):.1f}× fewer bytes.",
-            "",
-        ]
+    lines += headline(evaluation, len(labels))
     lines += ["## Training", "", "| Model | Best val acc. (%) | Best epoch | Epochs | Train time (s) |",
               "|---|---|---|---|---|"]
     for name in names:
