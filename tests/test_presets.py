@@ -22,20 +22,23 @@ def params_copy(tmp_path):
 
 
 def test_one_preset_per_data_set_all_setting_the_same_keys():
-    assert presets.available(PRESETS_DIR) == sorted(SOURCES.names())
+    # one per data source, plus machine-sized variants of a source (cifar10-cpu)
+    assert set(SOURCES.names()) <= set(presets.available(PRESETS_DIR))
+    for name in presets.available(PRESETS_DIR):
+        assert presets.load_preset(name, PRESETS_DIR)["data.name"] in SOURCES.names()
     keys = presets.check_same_keys(PRESETS_DIR)
     assert {"data.name", "data.image_size", "data.augment.flip", "teacher.arch", "teacher.resnet18.width",
             "teacher.epochs", "student.student_cnn.widths", "student.student_cnn.convs_per_block",
             "student.epochs"} <= keys
 
 
-@pytest.mark.parametrize("name", sorted(SOURCES.names()))
+@pytest.mark.parametrize("name", presets.available(PRESETS_DIR))
 def test_apply_keeps_comments_and_gives_valid_params(params_copy, name):
     before = params_copy.read_text()
     presets.apply(name, params_copy, PRESETS_DIR)
     after = params_copy.read_text()
     params = parse_params(yaml.safe_load(after))
-    assert params.data.name == name
+    assert params.data.name == presets.load_preset(name, PRESETS_DIR)["data.name"]
     for key, value in presets.load_preset(name, PRESETS_DIR).items():
         node = yaml.safe_load(after)
         for part in key.split("."):
@@ -70,7 +73,7 @@ def test_flags_for_dvc_exp_run():
 def test_flags_command_line_uses_the_architecture_sections(name, capsys):
     presets.main([name, "--flags", "--presets-dir", str(PRESETS_DIR)])
     out = capsys.readouterr().out.split()
-    assert "teacher.resnet18.width=64" in out
+    assert any(flag.startswith("teacher.resnet18.width=") for flag in out)
     assert any(flag.startswith("student.student_cnn.widths=[") for flag in out)
     assert not any(flag.startswith(("teacher.width=", "student.widths=")) for flag in out)  # the keys before c5fea34
 
@@ -83,7 +86,7 @@ def test_every_preset_applied_to_the_shipped_params_validates(tmp_path):
         presets.apply(name, copy, PRESETS_DIR)
         params = load_params(copy)  # what every stage reads: validated, or a ConfigError
         values = presets.load_preset(name, PRESETS_DIR)
-        assert params.data.name == name and params.teacher.arch == values["teacher.arch"]
+        assert params.data.name == values["data.name"] and params.teacher.arch == values["teacher.arch"]
         assert params.teacher.resnet18.width == values["teacher.resnet18.width"]
         assert params.student.student_cnn.widths == values["student.student_cnn.widths"]
         assert params.student.student_cnn.convs_per_block == values["student.student_cnn.convs_per_block"]
