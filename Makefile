@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.kdpipe-installed
 export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 
 DATA   ?=
-.PHONY: setup repro exp presets test ui clean-venv
+N      ?= 3
+FIRST  ?= 1
+.PHONY: setup repro exp presets replicate test ui clean-venv
 
 setup: $(STAMP)  ## create .venv and install the pinned dependencies and kdpipe (idempotent)
 
@@ -22,6 +24,10 @@ repro: setup  ## run the whole DVC pipeline; DATA=cifar10|intel|cats_vs_dogs|dig
 exp: setup  ## a DVC experiment on DATA's preset (-S flags; params.yaml is left as it is): make exp DATA=cifar10 [ARGS="-S kd.alpha=0.5"]
 	@test -n "$(DATA)" || { echo "error: name the data set, e.g. make exp DATA=cifar10 (see make presets)." >&2; exit 2; }
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run $$($(BIN)/python -m kdpipe.presets $(DATA) --flags) $(ARGS)
+
+replicate: setup  ## N seed replicates of the committed run (only student.seed varies) through DVC's queue, then their table: make replicate N=3 [FIRST=1]
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate --seeds $(N) --first $(FIRST)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate-report --out reports/replicates
 
 presets: setup  ## list the data-set presets
 	@$(BIN)/python -m kdpipe.presets --list

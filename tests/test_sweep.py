@@ -71,3 +71,15 @@ def test_no_finished_experiment_is_one_sentence(tmp_path, capsys):
     src.write_text("[]")
     assert main(["sweep-report", "--input", str(src), "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: no finished experiment")
+
+
+def test_rows_from_a_real_dvc_exp_show():
+    """The parsing shared with kdpipe replicate-report reads the real format (a trimmed
+    ``dvc exp show --json``, see tests/test_replicate.py)."""
+    from pathlib import Path
+
+    real = json.loads((Path(__file__).parent / "fixtures" / "exp_show_replicates.json").read_text())
+    rows = collect_rows(real, "logit")
+    assert sorted(r.name for r in rows) == ["probe", "seed-1", "seed-2"]
+    assert {(r.temperature, r.alpha) for r in rows} == {(4.0, 0.9)}
+    assert sorted(r.baseline for r in rows) == [94.7955, 95.1673, 97.026]

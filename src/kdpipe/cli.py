@@ -1,6 +1,8 @@
 """The ``kdpipe`` command (``[project.scripts]``): helpers around the DVC pipeline.
 
     kdpipe sweep-report [--out reports/sweep] [--method logit] [--input exp_show.json]
+    kdpipe replicate --seeds N [--first 1] [--jobs 1]
+    kdpipe replicate-report [--out reports/replicates] [--input exp_show.json]
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ def _sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replicate(args: argparse.Namespace) -> int:
+    from kdpipe.replicate import run_replicates
+
+    if args.seeds < 1 or args.first < 0 or args.jobs < 1:
+        raise KdpipeError(f"--seeds {args.seeds} --first {args.first} --jobs {args.jobs}: expected --seeds >= 1, "
+                          "--first >= 0 and --jobs >= 1.")
+    seeds = list(range(args.first, args.first + args.seeds))
+    states = run_replicates(seeds, args.repo, args.jobs, timeout_seconds=args.timeout)
+    print(f"{len(states)} replicates finished ({', '.join(states)}); "
+          "aggregate them with: kdpipe replicate-report --out reports/replicates")
+    return 0
+
+
+def _replicate_report(args: argparse.Namespace) -> int:
+    from kdpipe.replicate import FIGURE_FILE, TABLE_FILE, markdown_table, replicate_report
+
+    exp_show = json.loads(open(args.input).read()) if args.input else None
+    replicates = replicate_report(args.out, exp_show, args.repo)
+    print(markdown_table(replicates), end="")
+    print(f"{len(replicates)} replicates (student seeds {', '.join(str(r.seed) for r in replicates)}); "
+          f"wrote {args.out}/{TABLE_FILE} and {args.out}/{FIGURE_FILE}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="kdpipe: knowledge-distillation pipeline helpers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
     sweep.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD")
     sweep.set_defaults(func=_sweep_report)
+
+    rep = sub.add_parser(
+        "replicate", help="queue and run N experiments that differ only in student.seed",
+        description="Queue one DVC experiment per student seed (dvc exp run --queue -n seed-<s> -S student.seed=<s>, "
+                    "s = first .. first+N-1), start the queue and wait for them. The split and the teacher keep "
+                    "the global seed, so they come from DVC's cache; the students and teacher_targets re-run.")
+    rep.add_argument("--seeds", type=int, required=True, help="number of replicates N")
+    rep.add_argument("--first", type=int, default=1, help="first student seed (default: 1)")
+    rep.add_argument("--jobs", type=int, default=1, help="parallel queue workers (default: 1)")
+    rep.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    rep.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
+    rep.set_defaults(func=_replicate)
+
+    rep_report = sub.add_parser(
+        "replicate-report", help="mean ± std and paired differences of seed replicates",
+        description="Read 'dvc exp show --json' (or --input), take the HEAD commit's run and its experiments that "
+                    "differ from it only in student.seed, and write a markdown table and a figure: test accuracy "
+                    "per model (mean ± std over seeds) and every distilled model's paired difference against the "
+                    "baseline (mean, 95% t-interval, wins).")
+    rep_report.add_argument("--out", default="reports/replicates", help="output folder (default: reports/replicates)")
+    rep_report.add_argument("--input", help="a saved 'dvc exp show --json' output instead of running dvc")
+    rep_report.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
+    rep_report.set_defaults(func=_replicate_report)
     return parser
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 import yaml
@@ -119,6 +120,9 @@ class _ModelChecks(TrainConfig):
     def check(self, key: str) -> None:
         super().check(key)
         MODELS.get(self.arch, f"{key}.arch", roles=self.role)
+        seed = getattr(self, "seed", None)  # student only
+        if seed is not None and seed < 0:
+            fail(f"{key}.seed", seed, "null (the global seed) or an integer >= 0")
 
     @property
     def arch_settings(self) -> Any:
@@ -126,16 +130,20 @@ class _ModelChecks(TrainConfig):
         return getattr(self, self.arch)
 
 
-def _model_config(role: str, arch: str, epochs: int) -> type:
+def _model_config(role: str, arch: str, epochs: int, own: Sequence[tuple[str, Any, Any]] = ()) -> type:
     return dataclasses.make_dataclass(f"{role.title()}Config", [
         ("epochs", int, field(default=epochs)),
         ("arch", str, field(default=arch)),
+        *own,
         *_sections(MODELS.get(n) for n in MODELS.names(roles=role)),
     ], bases=(_ModelChecks,), namespace={"role": role}, frozen=True)
 
 
 TeacherConfig = _model_config("teacher", "resnet18", epochs=15)
-StudentConfig = _model_config("student", "student_cnn", epochs=30)
+# student.seed seeds every student run (initialisation, batch order, augmented views, hence the
+# teacher_targets cache); null: the global seed, which alone seeds the split and the teacher.
+StudentConfig = _model_config("student", "student_cnn", epochs=30,
+                              own=[("seed", Optional[int], field(default=None))])
 
 
 class _KdChecks(SharedKd):
@@ -224,6 +232,12 @@ class Params(Settings):
     def check(self, key: str) -> None:
         if self.seed < 0:
             fail("seed", self.seed, "an integer >= 0")
+
+    @property
+    def student_seed(self) -> int:
+        """The seed of the student runs (baseline, teacher_targets, distill): ``student.seed``,
+        or the global ``seed`` when that is null."""
+        return self.seed if self.student.seed is None else self.student.seed
 
 
 def _parse_kd(data: Any, prefix: str = "kd") -> Any:

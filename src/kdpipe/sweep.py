@@ -1,6 +1,9 @@
 """T×α sweeps: read finished DVC experiments (``dvc exp show --json``) and draw the distilled
 student's test accuracy as a heatmap plus a sorted markdown table.
 
+The parsing of ``dvc exp show --json`` (:func:`run_exp_show`, :func:`exp_commits`,
+:class:`ExpRecord`) lives here and is shared with :mod:`kdpipe.replicate`.
+
 The grid itself is DVC's::
 
     dvc exp run --queue -S 'kd.temperature=1,2,3,4,5' -S 'kd.alpha=0.1,0.3,0.5,0.7,0.9'
@@ -40,6 +43,21 @@ class SweepRow:
         return None if self.baseline is None else self.accuracy - self.baseline
 
 
+@dataclass(frozen=True)
+class ExpRecord:
+    """One run as ``dvc exp show --json`` reports it: a commit or an experiment of one."""
+
+    name: str  # the experiment's name; for a commit its branch/tag name, else its short rev
+    rev: str
+    timestamp: str
+    params: dict[str, Any]  # params.yaml, nested as in the file
+    evaluation: dict[str, Any]  # metrics/evaluation.json
+    deps: dict[str, str]  # dependency path -> hash
+    outs: dict[str, str]  # output path -> hash
+    failed: bool  # dvc reported an error for it
+    baseline: str = ""  # an experiment's commit rev; "" for a commit
+
+
 def run_exp_show(repo: str | Path = ".", all_commits: bool = False) -> Any:
     """``dvc exp show --json`` in ``repo``, parsed."""
     cmd = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
@@ -52,34 +70,54 @@ def run_exp_show(repo: str | Path = ".", all_commits: bool = False) -> Any:
     return json.loads(out.stdout)
 
 
-def _experiment_revs(exp_show: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(experiment name, rev record) for every experiment under every commit shown."""
-    for commit in exp_show or []:
-        for exp in commit.get("experiments") or []:
-            revs = exp.get("revs") or []
-            if revs:  # the first rev is the experiment's latest result
-                yield exp.get("name") or revs[0].get("name") or revs[0]["rev"][:7], revs[0]
-
-
 def _file_data(files: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
     entry = (files or {}).get(name)
     return entry.get("data") if isinstance(entry, dict) else None
+
+
+def _record(rev: dict[str, Any], name: str, baseline: str = "") -> ExpRecord:
+    data = rev.get("data") or {}
+    hashes = {kind: {path: (entry or {}).get("hash") or "" for path, entry in (data.get(kind) or {}).items()}
+              for kind in ("deps", "outs")}
+    return ExpRecord(name, rev.get("rev") or data.get("rev") or "", data.get("timestamp") or "",
+                     _file_data(data.get("params"), PARAMS_FILE) or {},
+                     _file_data(data.get("metrics"), EVALUATION_FILE) or {}, hashes["deps"], hashes["outs"],
+                     bool(rev.get("error")), baseline)
+
+
+def exp_commits(exp_show: Any) -> Iterator[tuple[ExpRecord, list[ExpRecord]]]:
+    """(commit, its experiments) for every commit shown, newest first as dvc lists them; the
+    ``workspace`` entry is left out. An experiment's record is its latest result."""
+    for commit in exp_show or []:
+        if commit.get("rev") == "workspace":
+            continue
+        record = _record(commit, commit.get("name") or (commit.get("rev") or "")[:7])
+        experiments = []
+        for exp in commit.get("experiments") or []:
+            revs = exp.get("revs") or []
+            if revs:  # the first rev is the experiment's latest result
+                name = exp.get("name") or revs[0].get("name") or revs[0]["rev"][:7]
+                experiments.append(_record(revs[0], name, record.rev))
+        yield record, experiments
+
+
+def experiment_records(exp_show: Any) -> Iterator[ExpRecord]:
+    """Every experiment under every commit shown."""
+    for _, experiments in exp_commits(exp_show):
+        yield from experiments
 
 
 def collect_rows(exp_show: Any, method: str = "logit") -> list[SweepRow]:
     """One row per finished experiment that has kd.temperature, kd.alpha and the method's accuracy."""
     key = paths.distilled_name(method)
     rows = []
-    for name, rev in _experiment_revs(exp_show):
-        data = rev.get("data") or {}
-        params = _file_data(data.get("params"), PARAMS_FILE) or {}
-        evaluation = _file_data(data.get("metrics"), EVALUATION_FILE) or {}
-        kd = params.get("kd") or {}
-        if rev.get("error") or key not in evaluation or "temperature" not in kd or "alpha" not in kd:
+    for exp in experiment_records(exp_show):
+        kd = exp.params.get("kd") or {}
+        if exp.failed or key not in exp.evaluation or "temperature" not in kd or "alpha" not in kd:
             continue
-        baseline = (evaluation.get(paths.BASELINE) or {}).get("test_accuracy")
-        rows.append(SweepRow(name, rev.get("rev", ""), data.get("timestamp") or "", float(kd["temperature"]),
-                             float(kd["alpha"]), float(evaluation[key]["test_accuracy"]),
+        baseline = (exp.evaluation.get(paths.BASELINE) or {}).get("test_accuracy")
+        rows.append(SweepRow(exp.name, exp.rev, exp.timestamp, float(kd["temperature"]), float(kd["alpha"]),
+                             float(exp.evaluation[key]["test_accuracy"]),
                              None if baseline is None else float(baseline)))
     return rows
 

@@ -183,8 +183,9 @@ def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any], module: n
 
 def teacher_source(teacher: nn.Module, data: PreparedData, recipe: TrainConfig, augment: AugmentConfig, seed: int,
                    runtime: Runtime, cached: bool, live: bool) -> TeacherLogits:
-    """The teacher's logits for a distillation run: the teacher_targets cache when ``cached``
-    (carrying the live teacher too when ``live``: feature-based methods), else the teacher online."""
+    """The teacher's logits for a distillation run seeded with ``seed`` (the student's,
+    ``params.student_seed``): the teacher_targets cache when ``cached`` (carrying the live
+    teacher too when ``live``: feature-based methods), else the teacher online."""
     if not cached:
         return OnlineTeacher(teacher, runtime)
     student_batches = TrainingBatches.for_run(data, recipe.batch_size, augment, seed, runtime)
@@ -194,18 +195,20 @@ def teacher_source(teacher: nn.Module, data: PreparedData, recipe: TrainConfig, 
 
 
 def build_teacher_targets(params: Params) -> dict[str, Any]:
-    """The teacher_targets stage: write data/teacher_targets/ for the configured student run."""
+    """The teacher_targets stage: write data/teacher_targets/ for the configured student run
+    (its views and batch order follow the student's seed, ``params.student_seed``)."""
     from kdpipe.tracking import stage_run
 
     if params.kd.teacher_targets == "online":
         meta = write_teacher_targets(paths.TEACHER_TARGETS_DIR, "online")
         print("kd.teacher_targets=online: no teacher targets stored; distillation runs the teacher")
         return meta
-    runtime = setup_runtime(params.runtime, params.seed)
+    seed = params.student_seed
+    runtime = setup_runtime(params.runtime, seed)
     data = load_prepared(paths.PREPARED_DIR)
     teacher_path = paths.model_path(paths.TEACHER)
     teacher, _ = models.load(teacher_path)
-    batches = TrainingBatches.for_run(data, params.student.batch_size, params.data.augment, params.seed, runtime)
+    batches = TrainingBatches.for_run(data, params.student.batch_size, params.data.augment, seed, runtime)
     with stage_run("teacher_targets", params) as run:
         meta = write_teacher_targets(
             paths.TEACHER_TARGETS_DIR, "cached", teacher=teacher, teacher_sha256=file_digest(teacher_path),

@@ -24,16 +24,23 @@ from kdpipe.train import TrainJob, fit
 
 @dataclass
 class Setup:
-    """What every training stage starts from: validated params, the runtime (RNGs seeded,
-    threads set) and the prepared data."""
+    """What every training stage starts from: validated params, the run's seed, the runtime
+    (RNGs seeded with it, threads set) and the prepared data.
+
+    The teacher's seed is the global ``seed``; the student runs (baseline, distill) use
+    ``params.student_seed`` (``student.seed``, null: the global seed), which seeds the
+    initialisation, the batch order and the augmented views, so seed replicates of the
+    students share the split and the teacher."""
 
     params: Params
+    seed: int
     runtime: Runtime
     data: PreparedData
 
     @classmethod
-    def load(cls, params: Params) -> "Setup":
-        return cls(params, setup_runtime(params.runtime, params.seed), load_prepared(paths.PREPARED_DIR))
+    def load(cls, params: Params, role: str) -> "Setup":
+        seed = params.student_seed if role == "student" else params.seed
+        return cls(params, seed, setup_runtime(params.runtime, seed), load_prepared(paths.PREPARED_DIR))
 
     def build(self, role: str) -> tuple[nn.Module, dict[str, Any]]:
         """A fresh model of the ``teacher`` or ``student`` section's architecture, and the
@@ -48,7 +55,7 @@ class Setup:
         """Train ``objective``'s student with the ``role`` recipe; write models/<name>.pt, its
         history, its metrics and its MLflow run."""
         params, data, recipe = self.params, self.data, getattr(self.params, role)
-        job = TrainJob(name, objective, data, recipe, params.data.augment, self.runtime, params.seed)
+        job = TrainJob(name, objective, data, recipe, params.data.augment, self.runtime, self.seed)
         with stage_run(stage, params, method) as run:
             result = fit(job, on_epoch=lambda row: run.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]))
@@ -73,7 +80,7 @@ class Setup:
 
 
 def train_teacher(params: Params) -> dict[str, Any]:
-    setup = Setup.load(params)
+    setup = Setup.load(params, "teacher")
     model, arch_params = setup.build("teacher")
     initialize = models.MODELS.get(params.teacher.arch).info.get("initialize")
     if initialize is not None:  # e.g. mobilenet_v2's pretrained weights
@@ -83,7 +90,7 @@ def train_teacher(params: Params) -> dict[str, Any]:
 
 
 def train_baseline(params: Params) -> dict[str, Any]:
-    setup = Setup.load(params)
+    setup = Setup.load(params, "student")
     model, arch_params = setup.build("student")
     objective = CrossEntropyObjective(model, params.student.label_smoothing)
     return setup.train_and_save(paths.BASELINE, "train_student", "student", objective, arch_params)
@@ -99,12 +106,12 @@ def distill(params: Params, method: str, settings: Any | None = None) -> dict[st
         )
     plugin = METHODS.get(method)
     settings = params.kd.method(method) if settings is None else settings
-    setup = Setup.load(params)
+    setup = Setup.load(params, "student")
     student, arch_params = setup.build("student")
     teacher, _ = models.load(paths.model_path(paths.TEACHER))
     cached = getattr(settings, "teacher_targets", "online") == "cached"  # methods without it read no logits
     live = needs_teacher_module(method)
-    targets = teacher_source(teacher, setup.data, params.student, params.data.augment, params.seed, setup.runtime,
+    targets = teacher_source(teacher, setup.data, params.student, params.data.augment, setup.seed, setup.runtime,
                              cached=cached, live=live)
     data = setup.data
     inputs = MethodInputs(student, targets, params.student.label_smoothing,
