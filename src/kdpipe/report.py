@@ -316,7 +316,7 @@ def build_report(params: Params) -> None:
         "dataset": params.data.name, "teacher_arch": params.teacher.arch, "student_arch": params.student.arch,
         "student_settings": ", ".join(f"{k} {v}" for k, v in as_dict(params.student.arch_settings).items()),
         "temperature": params.kd.temperature, "alpha": params.kd.alpha,
-        "seed": params.seed,
+        "seed": params.seed if params.student_seed == params.seed else f"{params.seed} (student seed {params.student_seed})",
     }
     with stage_run("report", params) as run:
         write_report(paths.REPORTS_DIR / "report.md", paths.FIGURES_DIR, evaluation, training,
