@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,tfds]"
 	touch $(STAMP)
 
-repro: setup  ## run the whole DVC pipeline; DATA=cifar10|intel|cats_vs_dogs|digits first writes that preset into params.yaml
+repro: setup  ## run the whole DVC pipeline; DATA=cifar10|cifar10-cpu|intel|cats_vs_dogs|digits first writes that preset into params.yaml
 	$(if $(DATA),$(BIN)/python -m kdpipe.presets $(DATA) &&) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 exp: setup  ## a DVC experiment on DATA's preset (-S flags; params.yaml is left as it is): make exp DATA=cifar10 [ARGS="-S kd.alpha=0.5"]

@@ -70,7 +70,7 @@ def test_imagenet_download_failure_is_one_clear_sentence(monkeypatch, tmp_path):
     with pytest.raises(KdpipeError) as info:
         load_pretrained(models.build("mobilenet_v2", 3, 10, 32), "imagenet", None)
     message = str(info.value)
-    assert "no network" in message and "teacher.weights_path" in message and message.count(". ") == 0
+    assert "no network" in message and "teacher.mobilenet_v2.weights_path" in message and message.count(". ") == 0
 
 
 def test_the_teacher_stage_initialises_from_the_sections_weights_path(tmp_path, monkeypatch):
@@ -83,7 +83,7 @@ def test_the_teacher_stage_initialises_from_the_sections_weights_path(tmp_path, 
     settings = params.teacher.arch_settings
     model = models.build("mobilenet_v2", 1, 10, 8, **models.arch_params("mobilenet_v2", settings, META))
     info = models.MODELS.get("mobilenet_v2").info["initialize"](model, settings)
-    assert info["weights"] == "teacher.weights_path='teachers/pretrained/mnv2.pth'"
+    assert info["weights"] == "teacher.mobilenet_v2.weights_path='teachers/pretrained/mnv2.pth'"
     assert torch.equal(model.state_dict()["features.5.conv.1.0.weight"], state["features.5.conv.1.0.weight"])
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from kdpipe.cli import main
 from kdpipe.errors import KdpipeError
-from kdpipe.sweep import collect_rows, grid, sweep_report
+from kdpipe.sweep import experiment_records, collect_rows, grid, sweep_report
 
 
 def _rev(name, t, a, acc, ts, baseline=90.0, error=None):
@@ -79,7 +79,8 @@ def test_rows_from_a_real_dvc_exp_show():
     from pathlib import Path
 
     real = json.loads((Path(__file__).parent / "fixtures" / "exp_show_replicates.json").read_text())
-    rows = collect_rows(real, "logit")
-    assert sorted(r.name for r in rows) == ["probe", "seed-1", "seed-2"]
-    assert {(r.temperature, r.alpha) for r in rows} == {(4.0, 0.9)}
-    assert sorted(r.baseline for r in rows) == [94.7955, 95.1673, 97.026]
+    records = list(experiment_records(real))
+    assert sorted(r.name for r in records) == ["probe", "seed-1", "seed-2"]
+    assert sorted(r.evaluation["baseline"]["test_accuracy"] for r in records) == [94.7955, 95.1673, 97.026]
+    # they are seed replicates (student.seed differs from the commit's), not points of a T×α sweep
+    assert collect_rows(real, "logit") == []

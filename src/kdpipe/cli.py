@@ -15,10 +15,21 @@ from collections.abc import Sequence
 from kdpipe.errors import KdpipeError
 
 
+def _read_exp_show(path: str | None) -> object:
+    """A saved ``dvc exp show --json`` output, or None (then dvc is run)."""
+    if path is None:
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KdpipeError(f"--input {path!r} is not a readable 'dvc exp show --json' file ({exc}).") from None
+
+
 def _sweep_report(args: argparse.Namespace) -> int:
     from kdpipe.sweep import markdown_table, sweep_report
 
-    exp_show = json.loads(open(args.input).read()) if args.input else None
+    exp_show = _read_exp_show(args.input)
     rows = sweep_report(args.out, args.method, exp_show, args.repo, args.all_commits)
     print(markdown_table(rows, args.method), end="")
     print(f"wrote {args.out}/sweep_heatmap.png and {args.out}/sweep_table.md")
@@ -41,7 +52,7 @@ def _replicate(args: argparse.Namespace) -> int:
 def _replicate_report(args: argparse.Namespace) -> int:
     from kdpipe.replicate import FIGURE_FILE, TABLE_FILE, markdown_table, replicate_report
 
-    exp_show = json.loads(open(args.input).read()) if args.input else None
+    exp_show = _read_exp_show(args.input)
     replicates = replicate_report(args.out, exp_show, args.repo)
     print(markdown_table(replicates), end="")
     print(f"{len(replicates)} replicates (student seeds {', '.join(str(r.seed) for r in replicates)}); "

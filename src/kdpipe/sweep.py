@@ -111,15 +111,23 @@ def collect_rows(exp_show: Any, method: str = "logit") -> list[SweepRow]:
     """One row per finished experiment that has kd.temperature, kd.alpha and the method's accuracy."""
     key = paths.distilled_name(method)
     rows = []
-    for exp in experiment_records(exp_show):
-        kd = exp.params.get("kd") or {}
-        if exp.failed or key not in exp.evaluation or "temperature" not in kd or "alpha" not in kd:
-            continue
-        baseline = (exp.evaluation.get(paths.BASELINE) or {}).get("test_accuracy")
-        rows.append(SweepRow(exp.name, exp.rev, exp.timestamp, float(kd["temperature"]), float(kd["alpha"]),
-                             float(exp.evaluation[key]["test_accuracy"]),
-                             None if baseline is None else float(baseline)))
+    for commit, experiments in exp_commits(exp_show):
+        seed = (commit.params.get("student") or {}).get("seed")
+        for exp in experiments:
+            if (exp.params.get("student") or {}).get("seed") != seed:
+                continue  # a seed replicate (kdpipe replicate), not a point of the T×α sweep
+            rows.extend(_sweep_row(exp, key))
     return rows
+
+
+def _sweep_row(exp: ExpRecord, key: str) -> list[SweepRow]:
+    """The experiment as a sweep row, or nothing when it lacks T, alpha or the method's accuracy."""
+    kd = exp.params.get("kd") or {}
+    if exp.failed or key not in exp.evaluation or "temperature" not in kd or "alpha" not in kd:
+        return []
+    baseline = (exp.evaluation.get(paths.BASELINE) or {}).get("test_accuracy")
+    return [SweepRow(exp.name, exp.rev, exp.timestamp, float(kd["temperature"]), float(kd["alpha"]),
+                     float(exp.evaluation[key]["test_accuracy"]), None if baseline is None else float(baseline))]
 
 
 def grid(rows: Sequence[SweepRow]) -> tuple[list[float], list[float], list[list[float]]]:

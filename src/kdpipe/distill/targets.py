@@ -7,7 +7,7 @@ that read feature maps need the live teacher (:meth:`TeacherLogits.require_modul
 
 Both sources go through :meth:`OnlineTeacher.forward`: the teacher_targets stage computes the
 cache by calling an :class:`OnlineTeacher` on the very batches distillation will draw (same
-order, views, batch size, memory format and precision: :mod:`kdpipe.data.batches`), so
+order, views, batch size, memory format and precision: :class:`kdpipe.data.loader.TrainingBatches`), so
 :class:`CachedTeacher` returns, bit for bit, what the online teacher would have returned.
 """
 

@@ -14,7 +14,7 @@ training, distillation, evaluation — feeds it exactly like the other models):
   (default 224, the resolution the weights were trained at). The whole image is resized, not
   centre-cropped, because small images (8×8 digits, 32×32 CIFAR) have no border to spare.
   Cost grows with ``input_size²``: at 224 one forward pass is ~0.3 GFLOP per image, so on a CPU
-  a smaller ``teacher.input_size`` (96–128) trades a little accuracy for a large speed-up.
+  a smaller ``teacher.mobilenet_v2.input_size`` (96–128) trades a little accuracy for a large speed-up.
 
 Weights are never fetched when a model is *built* (``registry.load`` rebuilds saved teachers
 offline); :func:`load_pretrained` is called once by the teacher stage.
@@ -130,9 +130,9 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
         return MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except Exception as exc:  # URLError, OSError, hash mismatch...: all mean "could not get the weights"
         raise KdpipeError(
-            f"teacher.pretrained=imagenet must download {MobileNet_V2_Weights.IMAGENET1K_V1.url} and could not "
+            f"teacher.mobilenet_v2.pretrained=imagenet must download {MobileNet_V2_Weights.IMAGENET1K_V1.url} and could not "
             f"(no network: {type(exc).__name__}); copy that file under teachers/pretrained/ on this machine and "
-            "set teacher.weights_path to it instead."
+            "set teacher.mobilenet_v2.weights_path to it instead."
         ) from None
 
 
@@ -140,17 +140,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A torchvision-format state_dict file (``torch.save(model.state_dict())``), loaded safely."""
     path = Path(path)
     if not path.is_file():
-        raise KdpipeError(f"teacher.weights_path={str(path)!r} does not exist; put the weights file there.")
+        raise KdpipeError(f"teacher.mobilenet_v2.weights_path={str(path)!r} does not exist; put the weights file there.")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise KdpipeError(
-            f"teacher.weights_path={str(path)!r} is not a readable torch state_dict file ({exc})."
+            f"teacher.mobilenet_v2.weights_path={str(path)!r} is not a readable torch state_dict file ({exc})."
         ) from None
     if isinstance(blob, Mapping) and isinstance(blob.get("state_dict"), Mapping):
         blob = blob["state_dict"]
     if not isinstance(blob, Mapping) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise KdpipeError(f"teacher.weights_path={str(path)!r} does not hold a state_dict (a mapping of tensors).")
+        raise KdpipeError(f"teacher.mobilenet_v2.weights_path={str(path)!r} does not hold a state_dict (a mapping of tensors).")
     return dict(blob)
 
 
@@ -188,5 +188,5 @@ def load_pretrained(model: nn.Module, pretrained: str | None, weights_path: str 
         raise KdpipeError(f"pretrained weights are only available for teacher.arch=mobilenet_v2, not "
                           f"{type(model).__name__}.")
     if weights_path is not None:
-        return load_backbone(model, read_state_dict(weights_path), f"teacher.weights_path={weights_path!r}")
+        return load_backbone(model, read_state_dict(weights_path), f"teacher.mobilenet_v2.weights_path={weights_path!r}")
     return load_backbone(model, imagenet_state_dict(), "torchvision MobileNet_V2_Weights.IMAGENET1K_V1")
