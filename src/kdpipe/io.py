@@ -50,8 +50,13 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save`` through a temporary file, byte-stable: given a file name, torch names the
+    archive's root folder after it (the random temporary name), so the same object would give
+    different bytes on every save and DVC would see a changed output; through an open file the
+    root folder is always ``archive``."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
 
 
 def load_torch(path: str | Path) -> Any:
