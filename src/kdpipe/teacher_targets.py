@@ -188,7 +188,8 @@ def teacher_source(teacher: nn.Module, data: PreparedData, recipe: TrainConfig, 
     teacher too when ``live``: feature-based methods), else the teacher online."""
     if not cached:
         return OnlineTeacher(teacher, runtime)
-    student_batches = TrainingBatches.for_run(data, recipe.batch_size, augment, seed, runtime)
+    # only its description is needed: no copy of the split on the device (fit places its own)
+    student_batches = TrainingBatches.for_run(data, recipe.batch_size, augment, seed, runtime, place=False)
     expected = fingerprint(data, student_batches, recipe.epochs, teacher,
                            file_digest(paths.model_path(paths.TEACHER)), runtime)
     return load_cached_teacher(paths.TEACHER_TARGETS_DIR, expected, teacher if live else None)

@@ -161,11 +161,13 @@ class TrainingBatches:
     num_classes: int = 0  # for the soft labels of mixed batches
 
     @classmethod
-    def for_run(cls, data, batch_size: int, augment, seed: int, runtime) -> "TrainingBatches":
+    def for_run(cls, data, batch_size: int, augment, seed: int, runtime, place: bool = True) -> "TrainingBatches":
         """The batches a run with ``batch_size``, ``augment`` (data.augment) and ``seed`` trains on
-        (``data``: :class:`~kdpipe.data.prepare.PreparedData`; ``runtime``: its device and layout)."""
+        (``data``: :class:`~kdpipe.data.prepare.PreparedData`; ``runtime``: its device and layout).
+        ``place=False`` leaves the images where they are: enough for :meth:`describe`."""
         pad, flip = augmentation(augment, data.meta)
-        return cls(place_split(data.train, runtime.device), batch_size, seed, pad, flip,
+        split = place_split(data.train, runtime.device) if place else data.train
+        return cls(split, batch_size, seed, pad, flip,
                    Normalizer.from_meta(data.meta["mean"], data.meta["std"], runtime.device),
                    runtime.memory_format, runtime.device, augment.mix, float(augment.mix_alpha), data.num_classes)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
-from kdpipe.distill.losses import label_ce, standardize
+from kdpipe.distill.losses import label_ce, standardized_pair
 from kdpipe.validation import derived, fail
 
 PEARSON_EPS = 1e-8  # added to the product of the norms, as in the authors' code
@@ -85,7 +85,7 @@ class DIST(Objective):
     def forward_train(self, images, labels, batch):
         logits = self.student(images)
         teacher_logits = self.targets(images, batch)
-        s, t = (standardize(logits), standardize(teacher_logits)) if self.standardize else (logits, teacher_logits)
+        s, t = standardized_pair(logits, teacher_logits, self.standardize)
         inter, intra = dist_terms(s, t, self.temperature)
         return logits, {
             "ce": label_ce(logits, labels, self.label_smoothing),

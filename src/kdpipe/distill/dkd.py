@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
-from kdpipe.distill.losses import label_ce, standardize
+from kdpipe.distill.losses import label_ce, standardized_pair
 from kdpipe.validation import derived, fail
 
 
@@ -92,7 +92,7 @@ class DKD(Objective):
     def forward_train(self, images, labels, batch):
         logits = self.student(images)
         teacher_logits = self.targets(images, batch)
-        s, t = (standardize(logits), standardize(teacher_logits)) if self.standardize else (logits, teacher_logits)
+        s, t = standardized_pair(logits, teacher_logits, self.standardize)
         tckd, nckd = dkd_terms(s, t, labels, self.temperature)
         w = warmup_factor(batch.epoch, self.warmup_epochs)
         return logits, {

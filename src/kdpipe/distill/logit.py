@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
-from kdpipe.distill.losses import label_ce, soft_kl, standardize
+from kdpipe.distill.losses import label_ce, soft_kl, standardized_pair
 from kdpipe.validation import derived
 
 
@@ -37,7 +37,7 @@ class LogitKD(Objective):
     def forward_train(self, images, labels, batch):
         logits = self.student(images)
         teacher_logits = self.targets(images, batch)
-        s, t = (standardize(logits), standardize(teacher_logits)) if self.standardize else (logits, teacher_logits)
+        s, t = standardized_pair(logits, teacher_logits, self.standardize)
         return logits, {
             "kd": self.alpha * soft_kl(s, t, self.temperature),
             "ce": (1 - self.alpha) * label_ce(logits, labels, self.label_smoothing),

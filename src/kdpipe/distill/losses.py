@@ -36,6 +36,15 @@ def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (z - mean) / (std + eps)
 
 
+def standardized_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      on: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logit sets through :func:`standardize` when ``on`` (a method's
+    ``logit_standardization``), else unchanged."""
+    if not on:
+        return student_logits, teacher_logits
+    return standardize(student_logits), standardize(teacher_logits)
+
+
 def resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize N×C×H×W maps to ``size``: area averaging when shrinking (each target cell is the
     mean of the region it covers), bilinear when enlarging; a no-op when sizes agree."""
