@@ -65,7 +65,7 @@ def main() -> None:
         fit_cpu = cpu_seconds(lambda: box.update(r=fit(TrainJob("x", CrossEntropyObjective(student), d, recipe,
                                                                 augment, runtime, 0))))
         result = box["r"]
-        wall = statistics.median(row["epoch_seconds"] for row in result.history[1:])
+        wall = statistics.median(result.epoch_seconds[1:])
         table = CachedTeacher(np.random.default_rng(0).standard_normal((epochs, n, 10), dtype=np.float32))
         ctx_batches = list(batches.epoch(0))
         lookup = statistics.median(cpu_seconds(lambda: [table(b.images, BatchContext(b.indices, 0))
@@ -74,7 +74,7 @@ def main() -> None:
         kd_objective = LogitKD(MethodInputs(kd_student, table, 0.0, (c, s, s), d.meta),
                                LogitSettings(temperature=4.0, alpha=0.9, teacher_targets="cached"))
         kd = fit(TrainJob("x", kd_objective, d, recipe, augment, runtime, 0))
-        kd_wall = statistics.median(row["epoch_seconds"] for row in kd.history[1:])
+        kd_wall = statistics.median(kd.epoch_seconds[1:])
         print(f"{name}: {n} images, batch 128, student, {runtime.threads} threads, runtime {result.runtime}")
         print(f"  train_batches epoch: {loader * 1e3:.1f} ms CPU  | training epoch (with validation): "
               f"{fit_cpu / epochs * 1e3:.1f} ms CPU, {wall * 1e3:.1f} ms wall"

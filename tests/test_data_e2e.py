@@ -25,7 +25,7 @@ TINY = {
     "data.image_size": 8,
     "teacher.epochs": 1, "teacher.batch_size": 32,
     "student.epochs": 1, "student.batch_size": 32, "student.student_cnn.widths": [8, 16],
-    "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2,
+    "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2, "evaluate.wait_alone_s": 0,
     "kd.methods": ["logit"],  # the data sources are under test here, not the KD methods
     "mlflow.log_models": False,
     "runtime.device": "cpu", "runtime.threads": 1,

@@ -42,7 +42,7 @@ def _changed(root: Path, env: dict) -> set[str]:
 
 TINY_PARAMS = {
     "teacher.epochs": 1, "teacher.batch_size": 256, "student.epochs": 2, "student.batch_size": 256,
-    "evaluate.batch_size": 64, "evaluate.latency_warmup": 1, "evaluate.latency_runs": 2, "mlflow.log_models": False,
+    "evaluate.batch_size": 64, "evaluate.latency_warmup": 1, "evaluate.latency_runs": 2, "evaluate.wait_alone_s": 0, "mlflow.log_models": False,
     "runtime.threads": 1, "kd.teacher_targets": "cached", "kd.methods": ["logit"],
 }
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 TINY_PARAMS = {
     "teacher.epochs": 1, "teacher.batch_size": 128, "student.epochs": 1, "student.batch_size": 128,
     "kd.methods": ["logit", "attention", "dkd"],
-    "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2, "evaluate.batch_size": 512,
+    "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2, "evaluate.wait_alone_s": 0, "evaluate.batch_size": 512,
     "mlflow.log_models": False,
     "runtime.threads": 1,  # two shared cores: one thread each is fastest
 }

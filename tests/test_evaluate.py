@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdpipe import models, paths
+from kdpipe import machine, models, paths
 from kdpipe.config import parse_params
 from kdpipe.data.loader import Normalizer
 from kdpipe.errors import ConfigError
@@ -18,6 +18,8 @@ from kdpipe.evaluate import (
     compare_to_baseline,
     compare_to_teacher,
     confusion_matrix,
+    latency_summary,
+    time_forward,
     evaluate_all,
     evaluate_model,
     mlflow_metrics,
@@ -52,17 +54,43 @@ def test_per_class_accuracy_hand_example():
 
 
 def test_compare_to_teacher_ratios():
-    teacher = {"test_accuracy": 98.0, "size_mb": 40.0, "latency_ms_b1": 4.0}
-    student = {"test_accuracy": 96.5, "size_mb": 0.4, "latency_ms_b1": 0.5}
+    teacher = {"test_accuracy": 98.0, "size_mb": 40.0}
+    student = {"test_accuracy": 96.5, "size_mb": 0.4}
     out = compare_to_teacher(student, teacher)
     assert out == {
         "compression_ratio": pytest.approx(100.0),  # 40 / 0.4
-        "speedup": pytest.approx(8.0),  # 4 / 0.5
-        "accuracy_drop": pytest.approx(1.5),  # 98 − 96.5 points
-        "efficiency": pytest.approx(482.5),  # 96.5 / (0.4 × 0.5)
+        "accuracy_vs_teacher": pytest.approx(-1.5),  # 96.5 − 98 points: worse than the teacher
     }
-    # a student better than its teacher shows a negative drop
-    assert compare_to_teacher({**student, "test_accuracy": 99.0}, teacher)["accuracy_drop"] == pytest.approx(-1.0)
+    # a student better than its teacher shows a positive difference
+    assert compare_to_teacher({**student, "test_accuracy": 99.0}, teacher)["accuracy_vs_teacher"] == pytest.approx(1.0)
+
+
+def test_latency_summary_percentiles_and_paired_speedup():
+    times = np.arange(1.0, 11.0)  # 1..10 ms
+    teacher = times * 4.0  # every pass 4x slower
+    out = latency_summary(times, teacher)
+    # numpy's linear percentiles of 1..10: p10 = 1.9, p50 = 5.5, p90 = 9.1
+    assert out == {"latency_ms_p50": pytest.approx(5.5), "latency_ms_p10": pytest.approx(1.9),
+                   "latency_ms_p90": pytest.approx(9.1), "speedup": pytest.approx(4.0),
+                   "speedup_p10": pytest.approx(4.0), "speedup_p90": pytest.approx(4.0)}
+    assert set(latency_summary(times)) == {"latency_ms_p50", "latency_ms_p10", "latency_ms_p90"}
+
+
+def test_time_forward_interleaves_the_models():
+    calls: list[str] = []
+
+    class Tagged(nn.Module):
+        def __init__(self, tag: str) -> None:
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    times = time_forward({"a": Tagged("a"), "b": Tagged("b")}, torch.zeros(1, 1), warmup=2, runs=3)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up each, then pass by pass in turn
+    assert times["a"].shape == times["b"].shape == (3,) and (times["a"] > 0).all()
 
 
 class FixedPredictor(nn.Module):
@@ -91,7 +119,7 @@ def test_evaluate_model_with_known_predictions():
     preds[[0, 5, 6]] = (preds[[0, 5, 6]] + 1) % 4  # three mistakes: 17/20 right
     model = FixedPredictor(preds, 4)
     normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
-    metrics, conf, got = evaluate_model(model, data.test, normalize, 4, batch_size=20, warmup=1, runs=3)
+    metrics, conf, got = evaluate_model(model, data.test, normalize, 4, batch_size=20)
     assert torch.equal(got, preds)
     assert metrics["test_accuracy"] == pytest.approx(85.0)
     # Wilson, p = 0.85, n = 20, z² = 3.8416: centre = (0.85 + 3.8416/40) / (1 + 3.8416/20) = 0.793604,
@@ -110,15 +138,12 @@ def test_evaluate_model_returns_the_documented_keys():
     torch.manual_seed(0)
     model = models.build("student_cnn", 1, data.num_classes, 8, widths=[8, 16], dropout=0.0).eval()
     normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
-    metrics, conf, preds = evaluate_model(model, data.test, normalize, data.num_classes, 16, warmup=1, runs=3)
-    assert set(metrics) == {"test_accuracy", "test_accuracy_ci95", "params", "size_mb", "latency_ms_b1",
-                            "throughput_ips", "threads", "per_class_accuracy"}
+    metrics, conf, preds = evaluate_model(model, data.test, normalize, data.num_classes, 16)
+    assert set(metrics) == {"test_accuracy", "test_accuracy_ci95", "params", "size_mb", "per_class_accuracy"}
     low, high = metrics["test_accuracy_ci95"]
     assert 0 <= low <= metrics["test_accuracy"] <= high <= 100
     assert metrics["params"] == models.count_params(model)
     assert metrics["size_mb"] == pytest.approx(models.size_mb(model), abs=1e-6)
-    assert metrics["latency_ms_b1"] > 0 and metrics["throughput_ips"] > 0
-    assert metrics["threads"] == torch.get_num_threads()
     assert len(metrics["per_class_accuracy"]) == data.num_classes
     assert conf.sum().item() == len(data.test) == len(preds)
     acc = (preds == data.test.labels).float().mean().item() * 100
@@ -202,8 +227,10 @@ def test_evaluate_all_writes_the_paired_statistics(tmp_path, monkeypatch):
         return FixedPredictor(answers, 4), {}
 
     monkeypatch.setattr(models, "load", fake_load)
+    monkeypatch.setattr(machine, "other_stage_processes", lambda: [])  # whatever else runs on this machine
     params = parse_params({"kd": {"methods": ["logit"]}, "mlflow": {"enabled": False},
-                           "evaluate": {"batch_size": N_TEST, "latency_warmup": 1, "latency_runs": 2},
+                           "evaluate": {"batch_size": N_TEST, "latency_warmup": 1, "latency_runs": 5, "wait_alone_s": 0,
+                                        "timing_threads": 1},
                            "runtime": {"device": "cpu", "threads": 1}})
     results = evaluate_all(params)
     written = json.loads((paths.METRICS_DIR / "evaluation.json").read_text())
@@ -222,3 +249,16 @@ def test_evaluate_all_writes_the_paired_statistics(tmp_path, monkeypatch):
     assert student["gap_closed"] == pytest.approx(0.6667)
     # seeded by params.seed: the interval is the pure function's for that seed
     assert student == {**student, **compare_to_baseline(STUDENT_RIGHT, BASELINE_RIGHT, TEACHER_RIGHT, 2000, 42)}
+
+    # timings apart, with the machine they were taken on; quality metrics carry none
+    timing = json.loads(paths.timing_path("evaluate").read_text())
+    assert set(timing["models"]) == set(written)
+    assert timing["machine"]["threads"] == 1 and timing["machine"]["cpu"]
+    assert timing["machine"]["other_kdpipe_stages_running"] == 0
+    for name, t in timing["models"].items():
+        assert 0 < t["latency_ms_p10"] <= t["latency_ms_p50"] <= t["latency_ms_p90"], name
+        assert t["throughput_ips"] > 0 and ("speedup" in t) == (name != "teacher")
+        assert not {"latency_ms_p50", "throughput_ips", "speedup", "efficiency"} & set(written[name])
+    assert written["baseline"]["accuracy_vs_teacher"] == pytest.approx(75.0 - 90.0)
+    latency_rows = (paths.PLOTS_DIR / "timing" / "accuracy_vs_latency.csv").read_text().splitlines()
+    assert latency_rows[0] == "model,test_accuracy,latency_ms_p50,latency_ms_p10,latency_ms_p90" and len(latency_rows) == 4

@@ -177,16 +177,19 @@ KdConfig = dataclasses.make_dataclass("KdConfig", [
 @dataclass(frozen=True)
 class EvaluateConfig(Settings):
     batch_size: int = 256
-    latency_warmup: int = 10
-    latency_runs: int = 50
+    latency_warmup: int = 20
+    latency_runs: int = 200
+    timing_threads: int = 1
+    wait_alone_s: float = 600.0
     bootstrap_resamples: int = 2000
 
     def check(self, key: str) -> None:
         for name in ("batch_size", "latency_runs"):
             if getattr(self, name) <= 0:
                 fail(f"{key}.{name}", getattr(self, name), "an integer > 0")
-        if self.latency_warmup < 0:
-            fail(f"{key}.latency_warmup", self.latency_warmup, "an integer >= 0")
+        for name in ("latency_warmup", "timing_threads", "wait_alone_s"):
+            if getattr(self, name) < 0:
+                fail(f"{key}.{name}", getattr(self, name), "a number >= 0")
         if self.bootstrap_resamples < 1000:
             fail(f"{key}.bootstrap_resamples", self.bootstrap_resamples,
                  "an integer >= 1000 (fewer make the ends of a 95% interval noisy)")

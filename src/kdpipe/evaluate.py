@@ -1,11 +1,15 @@
 """Accuracy (with its 95% Wilson interval), per-class accuracy, confusion, size, parameters,
-latency, the teacher-relative ratios that tell what distillation bought, and each distilled
-student's paired comparison with the baseline on the same test images (:mod:`kdpipe.stats`)."""
+the teacher-relative ratios that tell what distillation bought, and each distilled student's
+paired comparison with the baseline on the same test images (:mod:`kdpipe.stats`), all in
+metrics/evaluation.json; latency and throughput apart, in metrics/timing/evaluate.json, since
+they depend on the machine and its load rather than on the models alone."""
 
 from __future__ import annotations
 
 import csv
+import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -13,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdpipe import models, paths
+from kdpipe import machine, models, paths
 from kdpipe.config import Params
 from kdpipe.data.loader import Normalizer
 from kdpipe.data.prepare import PreparedData, Split, load_prepared
@@ -37,17 +41,23 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, warmup: int, runs: int) -> float:
-    """Median wall time of one forward pass at batch size 1, in ms, after warm-up."""
-    model.eval()
-    for _ in range(warmup):
-        model(example)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(example)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+def time_forward(models: dict[str, nn.Module], example: torch.Tensor, warmup: int, runs: int) -> dict[str, np.ndarray]:
+    """Wall times (ms) of ``runs`` single-image forward passes of each model, after ``warmup``.
+
+    The models take turns pass by pass, so a load spike or a frequency change hits all of them
+    alike and their ratios (speed-ups) stay fair on a machine that is not perfectly quiet.
+    """
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            model(example)
+    times = {name: np.empty(runs) for name in models}
+    for i in range(runs):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(example)
+            times[name][i] = (time.perf_counter() - start) * 1000.0
+    return times
 
 
 @torch.inference_mode()
@@ -63,18 +73,31 @@ def throughput_ips(model: nn.Module, batch: torch.Tensor, repeats: int = 5) -> f
     return batch.shape[0] / statistics.median(times)
 
 
-def evaluate_model(model: nn.Module, test: Split, normalize: Normalizer, num_classes: int, batch_size: int,
-                   warmup: int, runs: int) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Metrics of one model on the test split, plus its confusion matrix and predictions.
+def latency_summary(times: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    """p10/p50/p90 latency in ms; with the teacher's pass-by-pass ``reference`` times, the
+    speed-up (ratio of the medians) and the p10–p90 range of the paired per-pass ratios."""
+    p10, p50, p90 = np.percentile(times, [10, 50, 90])
+    out = {"latency_ms_p50": round(float(p50), 4), "latency_ms_p10": round(float(p10), 4),
+           "latency_ms_p90": round(float(p90), 4)}
+    if reference is not None:
+        ratios = reference / times
+        low, high = np.percentile(ratios, [10, 90])
+        out.update({"speedup": round(float(np.median(reference) / p50), 3),
+                    "speedup_p10": round(float(low), 3), "speedup_p90": round(float(high), 3)})
+    return out
 
-    Accuracy and timing are measured in float32 on the CPU thread count in force: what a
-    user loading the saved ``.pt`` gets by default.
+
+def evaluate_model(model: nn.Module, test: Split, normalize: Normalizer, num_classes: int,
+                   batch_size: int) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Quality metrics of one model on the test split (deterministic on a given machine),
+    plus its confusion matrix and predictions.
+
+    Accuracy is measured in float32 on the CPU thread count in force: what a user loading
+    the saved ``.pt`` gets by default.
     """
     logits = predict_logits(model, test, normalize, batch_size)
     preds = logits.argmax(1)
     conf = confusion_matrix(test.labels, preds, num_classes)
-    example = normalize(test.images[:1])
-    batch = normalize(test.images[:batch_size])
     correct = int((preds == test.labels).sum())
     low, high = wilson_interval(correct, len(test.labels))
     metrics = {
@@ -82,23 +105,34 @@ def evaluate_model(model: nn.Module, test: Split, normalize: Normalizer, num_cla
         "test_accuracy_ci95": [round(low * 100.0, 4), round(high * 100.0, 4)],
         "params": count_params(model),
         "size_mb": round(size_mb(model), 6),
-        "latency_ms_b1": round(latency_ms(model, example, warmup, runs), 6),
-        "throughput_ips": round(throughput_ips(model, batch), 3),
-        "threads": torch.get_num_threads(),
         "per_class_accuracy": per_class_accuracy(conf),
     }
     return metrics, conf, preds
 
 
 def compare_to_teacher(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float]:
-    """Compression, speed-up and accuracy drop against the teacher, plus the efficiency score
-    accuracy / (size_mb × latency_ms): higher is better."""
+    """Compression and accuracy against the teacher: ``accuracy_vs_teacher`` is the student's
+    accuracy minus the teacher's, in points (positive: the student is better)."""
     return {
         "compression_ratio": round(teacher["size_mb"] / student["size_mb"], 4),
-        "speedup": round(teacher["latency_ms_b1"] / student["latency_ms_b1"], 4),
-        "accuracy_drop": round(teacher["test_accuracy"] - student["test_accuracy"], 4),
-        "efficiency": round(student["test_accuracy"] / (student["size_mb"] * student["latency_ms_b1"]), 4),
+        "accuracy_vs_teacher": round(student["test_accuracy"] - teacher["test_accuracy"], 4),
     }
+
+
+def time_all(models: dict[str, nn.Module], quality: dict[str, dict[str, Any]], example: torch.Tensor,
+             batch: torch.Tensor, cfg: Any) -> dict[str, dict[str, float]]:
+    """Latency (p10/p50/p90 at batch 1), throughput at the evaluation batch size, speed-up over
+    the teacher and efficiency (accuracy / (size MB × p50 ms)) of every model, on
+    ``cfg.timing_threads`` threads."""
+    times = time_forward(models, example, cfg.latency_warmup, cfg.latency_runs)
+    teacher_times = times.get(paths.TEACHER)
+    out: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        t = latency_summary(times[name], None if name == paths.TEACHER else teacher_times)
+        t["throughput_ips"] = round(throughput_ips(model, batch), 2)
+        t["efficiency"] = round(quality[name]["test_accuracy"] / (quality[name]["size_mb"] * t["latency_ms_p50"]), 4)
+        out[name] = t
+    return out
 
 
 def compare_to_baseline(student: np.ndarray, baseline: np.ndarray, teacher: np.ndarray, resamples: int,
@@ -131,36 +165,34 @@ def mlflow_metrics(name: str, metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
-    """Evaluate every model side by side and write metrics/evaluation.json and the plots."""
+    """Evaluate every model side by side: quality into metrics/evaluation.json and plots/
+    (deterministic), then timings into metrics/timing/evaluate.json (measured alone, on a
+    fixed thread count, with the machine recorded)."""
     runtime = setup_runtime(params.runtime, params.seed)
     data = load_prepared(paths.PREPARED_DIR)
     normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
     names = paths.model_names(params.kd.methods)
     results: dict[str, dict[str, Any]] = {}
-    per_class_rows, point_rows, curve_rows = [], [], []
+    loaded: dict[str, nn.Module] = {}
+    per_class_rows, size_rows, curve_rows = [], [], []
     predictions: dict[str, list[int]] = {}
     correct: dict[str, np.ndarray] = {}
     with stage_run("evaluate", params) as run:
         for name in names:
-            model, _meta = models.load(paths.model_path(name))
-            metrics, conf, preds = evaluate_model(
-                model, data.test, normalize, data.num_classes, params.evaluate.batch_size,
-                params.evaluate.latency_warmup, params.evaluate.latency_runs,
-            )
+            loaded[name], _meta = models.load(paths.model_path(name))
+            metrics, conf, preds = evaluate_model(loaded[name], data.test, normalize, data.num_classes,
+                                                  params.evaluate.batch_size)
             per_class = metrics.pop("per_class_accuracy")
-            metrics["efficiency"] = round(metrics["test_accuracy"] / (metrics["size_mb"] * metrics["latency_ms_b1"]), 4)
             if name != paths.TEACHER:
                 metrics.update(compare_to_teacher(metrics, results[paths.TEACHER]))
             results[name] = metrics
             predictions[name] = preds.tolist()
             correct[name] = (preds == data.test.labels).numpy()
             per_class_rows += [{"model": name, "class": c, "accuracy": a} for c, a in zip(data.class_names, per_class)]
-            point_rows.append({"model": name, **{k: metrics[k] for k in
-                               ("test_accuracy", "latency_ms_b1", "size_mb", "params")}})
+            size_rows.append({"model": name, **{k: metrics[k] for k in ("test_accuracy", "size_mb", "params")}})
             _write_confusion(name, data, preds)
             curve_rows += _read_history(name)
-            print(f"{name}: test accuracy {metrics['test_accuracy']:.2f}%, {metrics['params']:,} params, "
-                  f"{metrics['latency_ms_b1']:.3f} ms/image")
+            print(f"{name}: test accuracy {metrics['test_accuracy']:.2f}%, {metrics['params']:,} params")
         for name in names:
             if paths.is_distilled(name):
                 results[name].update(compare_to_baseline(
@@ -173,16 +205,53 @@ def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
                       f"(95% CI {low:+.2f} to {high:+.2f}), McNemar p={m['mcnemar_p']:.3g}")
         write_json(paths.METRICS_DIR / "evaluation.json", results)
         write_csv(paths.PLOTS_DIR / "per_class_accuracy.csv", per_class_rows)
-        write_csv(paths.PLOTS_DIR / "accuracy_vs_cost.csv", point_rows)
+        write_csv(paths.PLOTS_DIR / "accuracy_vs_size.csv", size_rows)
         write_csv(paths.PLOTS_DIR / "curves.csv", curve_rows)
         write_csv(paths.PLOTS_DIR / "predictions.csv", [
             {"index": i, "actual": int(label), **{n: predictions[n][i] for n in names}}
             for i, label in enumerate(data.test.labels.tolist())
         ])
+        timing = measure_timings(loaded, results, data.test, normalize, params.evaluate, runtime.threads)
         for name, metrics in results.items():
-            run.log_metrics(mlflow_metrics(name, metrics))
+            run.log_metrics(mlflow_metrics(name, {**metrics, **timing["models"][name]}))
         run.log_artifact(paths.METRICS_DIR / "evaluation.json")
+        run.log_artifact(paths.timing_path("evaluate"))
     return results
+
+
+def measure_timings(loaded: dict[str, nn.Module], quality: dict[str, dict[str, Any]], test: Split,
+                    normalize: Normalizer, cfg: Any, runtime_threads: int) -> dict[str, Any]:
+    """Time every model once nothing else of ours runs, on ``cfg.timing_threads`` threads
+    (0: the runtime's), and write metrics/timing/evaluate.json and
+    plots/timing/accuracy_vs_latency.csv."""
+    still_running = machine.wait_until_alone(cfg.wait_alone_s)
+    threads = cfg.timing_threads or runtime_threads
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        per_model = time_all(loaded, quality, normalize(test.images[:1]), normalize(test.images[:cfg.batch_size]),
+                             cfg)
+    finally:
+        torch.set_num_threads(previous)
+    timing = {
+        "machine": {**machine.describe(threads), "load_avg_1min_before": load_before,
+                    "other_kdpipe_stages_running": len(still_running)},
+        "models": per_model,
+    }
+    if still_running:
+        print(f"warning: {len(still_running)} other kdpipe stage(s) still ran while timing; "
+              "the latencies in metrics/timing/evaluate.json are slowed by them", file=sys.stderr)
+    write_json(paths.timing_path("evaluate"), timing)
+    write_csv(paths.PLOTS_DIR / "timing" / "accuracy_vs_latency.csv", [
+        {"model": n, "test_accuracy": quality[n]["test_accuracy"],
+         **{k: t[k] for k in ("latency_ms_p50", "latency_ms_p10", "latency_ms_p90")}}
+        for n, t in per_model.items()
+    ])
+    for name, t in per_model.items():
+        print(f"{name}: {t['latency_ms_p50']:.3f} ms/image p50 (p10–p90 {t['latency_ms_p10']:.3f}–"
+              f"{t['latency_ms_p90']:.3f}), {t['throughput_ips']:,.0f} images/s on {threads} thread(s)")
+    return timing
 
 
 def _write_confusion(name: str, data: PreparedData, preds: torch.Tensor) -> None:

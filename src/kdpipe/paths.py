@@ -10,6 +10,7 @@ TEACHER_TARGETS_DIR = Path("data/teacher_targets")
 KD_SETTINGS_DIR = Path("data/kd_settings")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
+TIMING_DIR = METRICS_DIR / "timing"  # machine- and load-dependent figures, apart from quality
 PLOTS_DIR = Path("plots")
 HISTORY_DIR = PLOTS_DIR / "history"
 CONFUSION_DIR = PLOTS_DIR / "confusion"
@@ -40,6 +41,11 @@ def history_path(name: str) -> Path:
 
 def train_metrics_path(name: str) -> Path:
     return METRICS_DIR / f"{name}.json"
+
+
+def timing_path(name: str) -> Path:
+    """Where a stage's timings go (``name``: a model's name, ``teacher_targets`` or ``evaluate``)."""
+    return TIMING_DIR / f"{name}.json"
 
 
 def model_names(methods: list[str]) -> list[str]:

@@ -27,7 +27,8 @@ from kdpipe.runtime import Runtime
 
 @dataclass
 class TrainResult:
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # one row per epoch: losses, accuracies, lr
+    epoch_seconds: list[float] = field(default_factory=list)  # wall time of each epoch (kept apart)
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
     seconds: float = 0.0
@@ -173,15 +174,17 @@ def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainR
     result, best, start = TrainResult(), BestWeights(), time.perf_counter()
     for epoch in range(recipe.epochs):
         trained = train_epoch(job, batches, epoch, optim, step_fn)
+        seconds = trained.pop("epoch_seconds")
         val_loss, val_acc = validate(student, val, batches.normalize, runtime)
         row = {"epoch": epoch + 1, "train_loss": trained.pop("train_loss"), "train_acc": trained.pop("train_acc"),
                "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 4), **trained}
-        result.history.append(row)
+        result.history.append(row)  # no timing in the history: it stays a function of the inputs
+        result.epoch_seconds.append(seconds)
         best.update(student, val_acc, epoch + 1)
         tqdm.write(f"{job.name} epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f} "
-                   f"train {row['train_acc']:.2f}% val {val_acc:.2f}% ({row['epoch_seconds']:.1f}s)", file=sys.stderr)
+                   f"train {row['train_acc']:.2f}% val {val_acc:.2f}% ({seconds:.1f}s)", file=sys.stderr)
         if on_epoch is not None:
-            on_epoch(row)
+            on_epoch({**row, "epoch_seconds": seconds})
     best.restore(student)
     result.best_epoch, result.best_val_accuracy = best.epoch, best.accuracy
     result.seconds = time.perf_counter() - start

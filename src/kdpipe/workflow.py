@@ -3,13 +3,14 @@ engine, and write the model, its history, its metrics and its MLflow run."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdpipe import models, paths
+from kdpipe import machine, models, paths
 from kdpipe.config import Params
 from kdpipe.data.loader import Normalizer
 from kdpipe.data.prepare import PreparedData, load_prepared
@@ -19,7 +20,7 @@ from kdpipe.io import write_csv, write_json
 from kdpipe.runtime import Runtime, setup_runtime
 from kdpipe.teacher_targets import teacher_source
 from kdpipe.tracking import stage_run
-from kdpipe.train import TrainJob, fit
+from kdpipe.train import TrainJob, TrainResult, fit
 
 
 @dataclass
@@ -67,16 +68,29 @@ class Setup:
                 "best_val_accuracy": round(result.best_val_accuracy, 4),
                 "best_epoch": result.best_epoch,
                 "epochs": recipe.epochs,
-                "train_seconds": round(result.seconds, 2),
                 "params": models.count_params(student),
                 "runtime": result.runtime or self.runtime.describe(),
             }
             write_json(paths.train_metrics_path(name), summary)
-            run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            timing = training_timing(result, self.runtime.threads)
+            write_json(paths.timing_path(name), timing)
+            run.log_metrics({k: v for k, v in {**summary, **timing}.items() if isinstance(v, (int, float))})
             if params.mlflow.log_models:
                 normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
                 run.log_model(student, input_example=normalize(data.test.images[:1]).numpy())
             return summary
+
+
+def training_timing(result: TrainResult, threads: int) -> dict[str, Any]:
+    """What a training cost on this machine (metrics/timing/<model>.json): the total, the first
+    epoch (it carries warm-up and any compilation) and the median of the others."""
+    later = result.epoch_seconds[1:] or result.epoch_seconds
+    return {
+        "train_seconds": round(result.seconds, 2),
+        "first_epoch_seconds": round(result.epoch_seconds[0], 3) if result.epoch_seconds else None,
+        "epoch_seconds_median": round(statistics.median(later), 3) if later else None,
+        "machine": machine.describe(threads),
+    }
 
 
 def train_teacher(params: Params) -> dict[str, Any]:

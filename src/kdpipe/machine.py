@@ -1,0 +1,96 @@
+"""What a timing was measured on, and whether it was measured alone.
+
+A latency or a training time means nothing without the CPU, its instruction sets (bf16 and
+AVX-512 change PyTorch's speed several-fold) and the thread count, and it is worthless when
+another training of ours ran beside it (two 2-thread torch processes on 2 cores slow each
+other 4–10×). Every timing file records :func:`describe`, and the evaluate stage waits for
+:func:`other_stage_processes` to finish before it times anything.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The instruction sets that decide how fast PyTorch runs here (/proc/cpuinfo names).
+KEY_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+# The command lines of kdpipe's stage scripts (as dvc.yaml runs them).
+STAGE_SCRIPT = re.compile(r"stages/(download|prepare|train_teacher|train_student|teacher_targets|distill|evaluate)\.py")
+
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if info:  # the first processor is enough
+                break
+            continue
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The :data:`KEY_FLAGS` this CPU has, in that order."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return [f for f in KEY_FLAGS if f in flags]
+
+
+def describe(threads: int) -> dict[str, Any]:
+    """The machine a timing was taken on, for every timing file."""
+    return {
+        "cpu": cpu_model(),
+        "flags": cpu_flags(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+    }
+
+
+def other_stage_processes() -> list[int]:
+    """PIDs of kdpipe stage scripts running besides this process and its ancestors (another
+    `dvc repro`, a `dvc queue` worker, a second experiment)."""
+    import psutil
+
+    me = psutil.Process()
+    mine = {me.pid, *(p.pid for p in me.parents())}
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if proc.info["pid"] not in mine and STAGE_SCRIPT.search(cmdline):
+            found.append(proc.info["pid"])
+    return found
+
+
+def wait_until_alone(timeout_s: float, poll_s: float = 5.0,
+                     others: Callable[[], list[int]] | None = None) -> list[int]:
+    """Wait up to ``timeout_s`` for the other kdpipe stages (``others``: default
+    :func:`other_stage_processes`) to finish; returns those still running (empty: the timings
+    that follow are taken alone)."""
+    others = others or other_stage_processes
+    deadline = time.monotonic() + timeout_s
+    running = others()
+    if running:
+        print(f"waiting up to {timeout_s:.0f}s for {len(running)} other kdpipe stage process(es) "
+              f"(PIDs {', '.join(map(str, running))}) to finish before timing", file=sys.stderr)
+    while running and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+        running = others()
+    return running
