@@ -8,7 +8,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 DATA   ?=
 N      ?= 3
 FIRST  ?= 1
-.PHONY: setup repro exp presets replicate test ui clean-venv
+.PHONY: setup repro exp compare presets replicate test ui clean-venv
 
 setup: $(STAMP)  ## create .venv and install the pinned dependencies and kdpipe (idempotent)
 
@@ -28,6 +28,9 @@ exp: setup  ## a DVC experiment on DATA's preset (-S flags; params.yaml is left 
 replicate: setup  ## N seed replicates of the committed run (only student.seed varies) through DVC's queue, then their table: make replicate N=3 [FIRST=1]
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate --seeds $(N) --first $(FIRST)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate-report --out reports/replicates
+
+compare: setup  ## the HEAD run and its DVC experiments on one screen: changed params and test accuracy per model
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe compare
 
 presets: setup  ## list the data-set presets
 	@$(BIN)/python -m kdpipe.presets --list

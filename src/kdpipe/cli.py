@@ -1,5 +1,6 @@
 """The ``kdpipe`` command (``[project.scripts]``): helpers around the DVC pipeline.
 
+    kdpipe compare [--input exp_show.json]
     kdpipe sweep-report [--out reports/sweep] [--method logit] [--input exp_show.json]
     kdpipe replicate --seeds N [--first 1] [--jobs 1]
     kdpipe replicate-report [--out reports/replicates] [--input exp_show.json]
@@ -24,6 +25,13 @@ def _read_exp_show(path: str | None) -> object:
             return json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KdpipeError(f"--input {path!r} is not a readable 'dvc exp show --json' file ({exc}).") from None
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from kdpipe.compare import compare
+
+    print(compare(_read_exp_show(args.input), args.repo), end="")
+    return 0
 
 
 def _sweep_report(args: argparse.Namespace) -> int:
@@ -63,6 +71,15 @@ def _replicate_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="kdpipe: knowledge-distillation pipeline helpers.")
     sub = parser.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser(
+        "compare", help="the HEAD run and its experiments on one screen: changed params, accuracy per model",
+        description="Read 'dvc exp show --json' (or --input) and print one row per run (the HEAD commit's, then "
+                    "its experiments): the params that differ between them and each model's test accuracy with "
+                    "its change against the HEAD run. Timings are left out (metrics/timing/).")
+    cmp.add_argument("--input", help="a saved 'dvc exp show --json' output instead of running dvc")
+    cmp.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
+    cmp.set_defaults(func=_compare)
+
     sweep = sub.add_parser(
         "sweep-report", help="heatmap and table of a T×alpha sweep from 'dvc exp show --json'",
         description="Read finished DVC experiments (runs 'dvc exp show --json' unless --input is given) and "
