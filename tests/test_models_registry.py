@@ -107,9 +107,31 @@ def test_save_load_round_trip(tmp_path, arch, arch_params):
 def test_load_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "kdpipe-model/1", "payload": nn.Linear(2, 2)}, path)  # a pickled module
-    with pytest.raises(Exception) as info:
+    with pytest.raises(KdpipeError) as info:
         models.load(path)
-    assert "weights_only" in str(info.value) or "Unsupported" in str(info.value)
+    message = str(info.value)
+    assert "holds objects other than tensors" in message and str(path) in message
+    assert "weights_only" not in message  # never torch's advice to turn the safe loader off
+
+
+def test_load_refuses_a_plain_state_dict_a_truncated_file_and_a_model_for_other_data(tmp_path):
+    model = models.build("student_cnn", 1, 3, 8, widths=[4], dropout=0.0)
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    with pytest.raises(KdpipeError, match=r"plain.pt is not a kdpipe model file \(a plain state_dict"):
+        models.load(plain)
+    good = tmp_path / "good.pt"
+    meta = {"class_names": ["a", "b", "c"], "channels": 1, "image_size": 8, "mean": [0.5], "std": [0.25]}
+    models.save(good, model, "student_cnn", {"widths": [4], "dropout": 0.0}, meta)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(KdpipeError, match=r"truncated.pt is truncated or corrupt .*dvc checkout"):
+        models.load(truncated)
+    models.load(good, meta)  # the data it was trained for
+    with pytest.raises(KdpipeError, match=r"good.pt was trained on other data \(image size 8 in the model vs 16"):
+        models.load(good, {**meta, "image_size": 16})
+    with pytest.raises(KdpipeError, match=r"channels 1 in the model vs 3 in data/prepared"):
+        models.load(good, {**meta, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3})
 
 
 def test_load_missing_file_says_what_to_do(tmp_path):

@@ -173,6 +173,41 @@ def test_cache_round_trip_and_fingerprint_checks(tmp_path):
         load_cached_teacher(tmp_path / "missing", expected)
 
 
+def test_a_cache_whose_contents_changed_is_refused(tmp_path):
+    """Same shape, other values (an edited, truncated or NaN-filled logits.npy): the sha256 in
+    meta.json catches it before a single student step."""
+    params, runtime, data, teacher = _setup("off")
+    out = tmp_path / "teacher_targets"
+    batches = _batches(params, data, runtime, batch_size=16)
+    write_teacher_targets(out, "cached", teacher=teacher, teacher_sha256="abc", data=data, epochs=2,
+                          batches=batches, runtime=runtime)
+    expected = fingerprint(data, batches, 2, teacher, "abc", runtime)
+    logits_path = out / "logits.npy"
+    good = logits_path.read_bytes()
+    edited = np.load(logits_path)
+    edited[0, :50] = np.nan  # 50 NaN rows, same shape and dtype
+    np.save(logits_path, edited)
+    with pytest.raises(KdpipeError, match=r"logits.npy is missing or its contents changed .*dvc repro -f -s "
+                                          r"teacher_targets"):
+        load_cached_teacher(out, expected)
+    logits_path.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(KdpipeError, match="contents changed"):
+        load_cached_teacher(out, expected)
+    logits_path.write_bytes(good)
+    assert load_cached_teacher(out, expected) is not None
+
+
+def test_a_teacher_with_non_finite_outputs_writes_no_cache(tmp_path):
+    params, runtime, data, teacher = _setup("off")
+    with torch.no_grad():
+        next(teacher.parameters()).fill_(float("nan"))
+    out = tmp_path / "teacher_targets"
+    with pytest.raises(KdpipeError, match="non-finite logits"):
+        write_teacher_targets(out, "cached", teacher=teacher, teacher_sha256="abc", data=data, epochs=1,
+                              batches=_batches(params, data, runtime, batch_size=16), runtime=runtime)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing half-written
+
+
 # ---- the teacher_targets stage and the distill run must draw the same batches ----------------
 
 

@@ -16,6 +16,7 @@ from kdpipe.distill import CrossEntropyObjective
 from kdpipe.distill.base import BatchContext, Objective
 from kdpipe.distill.dkd import dkd_terms
 from kdpipe.distill.losses import label_ce
+from kdpipe.errors import KdpipeError
 from kdpipe.inference import loss_and_accuracy, predict_logits
 from kdpipe.runtime import setup_runtime
 from kdpipe.train import BestWeights, Optimisation, TrainJob, fit, make_optimizer, make_scheduler, train_epoch, validate
@@ -308,3 +309,27 @@ def test_the_baseline_learns_from_mixed_views_deterministically(mix):
     assert all(torch.equal(v, model_b.state_dict()[k]) for k, v in model_a.state_dict().items())
     assert result_a.best_val_accuracy >= 80.0
     assert result_a.history[-1]["train_loss"] < result_a.history[0]["train_loss"]
+
+
+# ---- a diverged training stops with one sentence --------------------------------------------
+
+
+def test_a_diverging_training_stops_with_one_sentence_naming_the_learning_rate():
+    params = make_params(student={"optimizer": "sgd", "lr": 1e30, "epochs": 3})
+    epochs_seen = []
+    with pytest.raises(KdpipeError, match=r"test training diverged in epoch 1 \(loss nan\); lower the learning "
+                                          r"rate \(student.lr=1e\+30\)") as info:
+        run_fit(0, params, on_epoch=epochs_seen.append)
+    assert "\n" not in str(info.value) and epochs_seen == []  # stopped before the epoch was logged
+
+
+def test_non_finite_weights_stop_training_even_when_the_loss_looks_fine():
+    class Poisoned(CrossEntropyObjective):
+        def forward_train(self, images, labels, ctx):
+            logits, losses = super().forward_train(images, labels, ctx)
+            with torch.no_grad():
+                list(self.student.parameters())[-1].fill_(float("inf"))
+            return logits, losses
+
+    with pytest.raises(KdpipeError, match=r"diverged in epoch 1 \((loss|non-finite weights)"):
+        run_fit(0, make_params(student={"epochs": 2}), objective_for=Poisoned)

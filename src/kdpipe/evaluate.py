@@ -179,7 +179,7 @@ def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
     correct: dict[str, np.ndarray] = {}
     with stage_run("evaluate", params) as run:
         for name in names:
-            loaded[name], _meta = models.load(paths.model_path(name))
+            loaded[name], _meta = models.load(paths.model_path(name), data.meta)
             metrics, conf, preds = evaluate_model(loaded[name], data.test, normalize, data.num_classes,
                                                   params.evaluate.batch_size)
             per_class = metrics.pop("per_class_accuracy")

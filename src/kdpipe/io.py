@@ -7,12 +7,16 @@ import csv
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kdpipe.errors import KdpipeError
 
 CHUNK = 1 << 20  # 1 MiB: hash files of any size in constant memory
 
@@ -59,9 +63,24 @@ def save_torch(path: str | Path, obj: Any) -> None:
             torch.save(obj, fh)
 
 
-def load_torch(path: str | Path) -> Any:
-    """Load a file written by :func:`save_torch` without unpickling arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_torch(path: str | Path, rebuild: str = "re-run the stage that writes it (dvc repro -f -s <stage>)") -> Any:
+    """Load a file written by :func:`save_torch` without unpickling arbitrary objects.
+
+    A missing, truncated, corrupt or foreign file (one holding objects other than tensors and
+    plain containers: ``weights_only`` refuses it) becomes one :class:`KdpipeError` sentence that
+    names the file and says how to get a good one back (``rebuild``), never torch's advice to
+    turn ``weights_only`` off.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KdpipeError(f"{path} not found; {rebuild}.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        problem = "holds objects other than tensors (not a file kdpipe wrote; it was not unpickled)"
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        problem = f"is truncated or corrupt ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+    raise KdpipeError(f"{path} {problem}; {rebuild}, or restore it with `dvc checkout {path}`.")
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

@@ -52,7 +52,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.io import file_digest, read_json, write_json
 from kdpipe.runtime import Runtime, setup_runtime
 
-FORMAT = "kdpipe-teacher-targets/1"
+FORMAT = "kdpipe-teacher-targets/2"  # 2: logits_sha256, no timing
 LOGITS_FILE = "logits.npy"
 META_FILE = "meta.json"
 # every fingerprint key must match between the cache and the distillation run using it, except:
@@ -139,9 +139,14 @@ def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | N
                                                shape=(epochs, len(data.train), data.num_classes))
             compute_teacher_logits(teacher, data, epochs, batches, runtime, out=logits)
             logits.flush()
+            finite = bool(np.isfinite(logits).all())
             del logits
+            if not finite:
+                raise KdpipeError("the teacher gives non-finite logits (NaN or inf) on the training views: its "
+                                  "model file is broken; retrain it (dvc repro -f -s train_teacher).")
             meta = {"format": FORMAT, "mode": "cached", "dtype": "float32",
                     "shape": [epochs, len(data.train), data.num_classes],
+                    "logits_sha256": file_digest(tmp / LOGITS_FILE),  # checked before every use
                     **fingerprint(data, batches, epochs, teacher, teacher_sha256, runtime)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
@@ -173,9 +178,14 @@ def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any], module: n
             f"the cached teacher targets in {out_dir} were computed for another run ({'; '.join(diffs)}); "
             "re-run the teacher_targets stage (dvc repro) or use kd.teacher_targets=online."
         )
-    logits = np.load(out_dir / LOGITS_FILE, mmap_mode="r")
-    if list(logits.shape) != list(meta["shape"]) or logits.dtype != np.float32:
-        raise KdpipeError(f"{out_dir / LOGITS_FILE} does not match its meta.json; re-run the teacher_targets stage.")
+    logits_path = out_dir / LOGITS_FILE
+    rebuild = f"rebuild it with `dvc repro -f -s teacher_targets` or restore it with `dvc checkout {out_dir}`"
+    if not logits_path.is_file() or file_digest(logits_path) != meta.get("logits_sha256"):
+        raise KdpipeError(f"{logits_path} is missing or its contents changed since the teacher_targets stage wrote "
+                          f"it (sha256 differs from meta.json); {rebuild}.")
+    logits = np.load(logits_path, mmap_mode="r")
+    if list(logits.shape) != list(meta["shape"]) or logits.dtype != np.float32 or not np.isfinite(logits).all():
+        raise KdpipeError(f"{logits_path} does not match its meta.json or holds non-finite values; {rebuild}.")
     return CachedTeacher(logits, module)
 
 
@@ -207,7 +217,7 @@ def build_teacher_targets(params: Params) -> dict[str, Any]:
     runtime = setup_runtime(params.runtime, seed)
     data = load_prepared(paths.PREPARED_DIR)
     teacher_path = paths.model_path(paths.TEACHER)
-    teacher, _ = models.load(teacher_path)
+    teacher, _ = models.load(teacher_path, data.meta)
     batches = TrainingBatches.for_run(data, params.student.batch_size, params.data.augment, seed, runtime)
     with stage_run("teacher_targets", params) as run:
         start = time.perf_counter()

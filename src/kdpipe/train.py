@@ -22,6 +22,7 @@ from kdpipe.data.loader import Normalizer, TrainingBatches
 from kdpipe.data.prepare import PreparedData, Split
 from kdpipe.distill.base import BatchContext, Objective
 from kdpipe.inference import loss_and_accuracy, predict_logits
+from kdpipe.errors import KdpipeError
 from kdpipe.runtime import Runtime
 
 
@@ -156,6 +157,18 @@ def validate(model: torch.nn.Module, val: Split, normalize: Normalizer, runtime:
     return loss_and_accuracy(logits, val.labels)
 
 
+def check_finite(job: TrainJob, student: torch.nn.Module, row: dict) -> None:
+    """Stop a diverged training (a NaN or infinite loss or weight) with one sentence, before
+    any model file is written: its weights would be garbage scored as a result."""
+    bad_loss = not all(math.isfinite(v) for k, v in row.items() if k.startswith(("train_", "val_")))
+    bad_weights = not all(bool(torch.isfinite(p).all()) for p in student.parameters())
+    if bad_loss or bad_weights:
+        key = "teacher.lr" if job.name == "teacher" else "student.lr"
+        what = f"loss {row['train_loss']}" if bad_loss else "non-finite weights"
+        raise KdpipeError(f"{job.name} training diverged in epoch {row['epoch']} ({what}); lower the learning rate "
+                          f"({key}={job.recipe.lr:g}) or the loss weights, and run again (no model was written).")
+
+
 def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``job.objective.student`` in place; on return it holds the best-on-validation weights."""
     objective, data, recipe = job.objective, job.data, job.recipe
@@ -178,6 +191,7 @@ def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainR
         val_loss, val_acc = validate(student, val, batches.normalize, runtime)
         row = {"epoch": epoch + 1, "train_loss": trained.pop("train_loss"), "train_acc": trained.pop("train_acc"),
                "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 4), **trained}
+        check_finite(job, student, row)
         result.history.append(row)  # no timing in the history: it stays a function of the inputs
         result.epoch_seconds.append(seconds)
         best.update(student, val_acc, epoch + 1)

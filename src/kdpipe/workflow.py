@@ -122,7 +122,7 @@ def distill(params: Params, method: str, settings: Any | None = None) -> dict[st
     settings = params.kd.method(method) if settings is None else settings
     setup = Setup.load(params, "student")
     student, arch_params = setup.build("student")
-    teacher, _ = models.load(paths.model_path(paths.TEACHER))
+    teacher, _ = models.load(paths.model_path(paths.TEACHER), setup.data.meta)
     cached = getattr(settings, "teacher_targets", "online") == "cached"  # methods without it read no logits
     live = needs_teacher_module(method)
     targets = teacher_source(teacher, setup.data, params.student, params.data.augment, setup.seed, setup.runtime,

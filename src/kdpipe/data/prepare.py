@@ -133,7 +133,17 @@ def load_prepared(prepared_dir: str | Path) -> PreparedData:
     if not (prepared_dir / "meta.json").exists():
         raise KdpipeError(f"{prepared_dir}/meta.json not found; run the prepare stage first (dvc repro prepare).")
     splits = {}
+    rebuild = "rebuild it with `dvc repro -f -s prepare`"
     for name in SPLITS:
-        raw = load_torch(prepared_dir / f"{name}.pt")
-        splits[name] = Split(raw["images"], raw["labels"])
-    return PreparedData(meta=read_json(prepared_dir / "meta.json"), **splits)
+        path = prepared_dir / f"{name}.pt"
+        raw = load_torch(path, rebuild)
+        images, labels = (raw.get("images"), raw.get("labels")) if isinstance(raw, dict) else (None, None)
+        if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and images.dtype == torch.uint8
+                and images.ndim == 4 and labels.shape == images.shape[:1]):
+            raise KdpipeError(f"{path} is not a prepared split (uint8 N×C×H×W images and N labels); {rebuild}.")
+        splits[name] = Split(images, labels)
+    try:
+        meta = read_json(prepared_dir / "meta.json")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KdpipeError(f"{prepared_dir / 'meta.json'} is not valid JSON ({exc}); {rebuild}.") from None
+    return PreparedData(meta=meta, **splits)

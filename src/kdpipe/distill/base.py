@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 METHODS: Registry[type] = Registry("KD method", "kd.methods", "kdpipe.distill")
 
 
+TEMPERATURE_RANGE = (0.5, 50.0)
+
+
 @dataclass(frozen=True)
 class SharedKd(Settings):
     """The ``kd.*`` values several methods read; a method reads one by declaring a
@@ -48,10 +51,14 @@ class SharedKd(Settings):
     teacher_targets: Literal["cached", "online"] = "cached"
 
     def check(self, key: str) -> None:
-        if self.temperature <= 0:
-            fail(f"{key}.temperature", self.temperature, "a number > 0")
-        if not 0 <= self.alpha <= 1:
-            fail(f"{key}.alpha", self.alpha, "a number in [0, 1]")
+        # below 0.5 the T²-scaled soft term all but vanishes (1e-30 makes it exactly 0: a
+        # "distilled" student trained on labels alone); above 50 every softened output is uniform
+        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
+            fail(f"{key}.temperature", self.temperature,
+                 f"a number in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (usual: 1-8)")
+        # alpha 0 would give the teacher no weight at all: the student would be the baseline again
+        if not 0 < self.alpha <= 1:
+            fail(f"{key}.alpha", self.alpha, "a number in (0, 1] (0 leaves no teacher term: that is the baseline)")
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,9 @@ def load_extra_teachers(paths: Sequence[str], meta: dict[str, Any]) -> list[nn.M
     """Load kdpipe model files as teachers for data described by ``meta`` (prepared data's meta)."""
     teachers = []
     for path in paths:
-        model, info = models.load(path)
+        model, info = models.load(path, rebuild="train it (e.g. dvc exp run -S teacher.arch=vea_resnet18 train_teacher) "
+                                                 "and copy its models/teacher.pt there, or remove it from "
+                                                 "kd.multi_teacher.teachers")
         pre = info["preprocessing"]
         if list(info["class_names"]) != list(meta["class_names"]):
             raise KdpipeError(f"kd.multi_teacher.teachers entry {path!r} predicts classes {info['class_names']}, "

@@ -5,6 +5,6 @@ file registers itself (:func:`kdpipe.models.registry.register`).
 """
 
 from kdpipe.models.features import FeatureTap
-from kdpipe.models.registry import MODELS, arch_params, build, count_params, load, save, size_mb
+from kdpipe.models.registry import MODELS, arch_params, build, check_matches_data, count_params, load, save, size_mb
 
-__all__ = ["MODELS", "FeatureTap", "arch_params", "build", "count_params", "load", "save", "size_mb"]
+__all__ = ["MODELS", "FeatureTap", "arch_params", "build", "check_matches_data", "count_params", "load", "save", "size_mb"]

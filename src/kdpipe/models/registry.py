@@ -57,6 +57,25 @@ def size_mb(model: nn.Module) -> float:
     return total / 2**20
 
 
+MODEL_FORMAT = "kdpipe-model/1"
+MODEL_KEYS = {"format", "arch", "arch_params", "state_dict", "class_names", "preprocessing"}
+
+
+def check_matches_data(model_meta: dict[str, Any], data_meta: dict[str, Any], path: str | Path) -> None:
+    """Stop when a model file was trained for other images than the prepared data: channels,
+    image size, class names, or normalisation differ."""
+    pre = model_meta["preprocessing"]
+    pairs = [("channels", pre["channels"], data_meta["channels"]),
+             ("image size", pre["image_size"], data_meta["image_size"]),
+             ("classes", list(model_meta["class_names"]), list(data_meta["class_names"])),
+             ("mean/std", [list(pre["mean"]), list(pre["std"])], [list(data_meta["mean"]), list(data_meta["std"])])]
+    diffs = [f"{what} {a} in the model vs {b} in data/prepared" for what, a, b in pairs if a != b]
+    if diffs:
+        shown = "; ".join(d if len(d) < 160 else d[:157] + "..." for d in diffs)
+        raise KdpipeError(f"{path} was trained on other data ({shown}); retrain it on this data (dvc repro) "
+                          "or switch data.* back to what it was trained on.")
+
+
 def save(path: str | Path, model: nn.Module, arch: str, arch_params: dict[str, Any], meta: dict[str, Any],
          extra: dict[str, Any] | None = None) -> None:
     """Write weights plus everything needed to rebuild and feed the model."""
@@ -64,7 +83,7 @@ def save(path: str | Path, model: nn.Module, arch: str, arch_params: dict[str, A
     save_torch(
         path,
         {
-            "format": "kdpipe-model/1",
+            "format": MODEL_FORMAT,
             "arch": arch,
             "arch_params": dict(arch_params),
             "state_dict": state,
@@ -81,15 +100,24 @@ def save(path: str | Path, model: nn.Module, arch: str, arch_params: dict[str, A
     )
 
 
-def load(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a saved model in eval mode; returns (model, metadata without weights)."""
+def load(path: str | Path, data_meta: dict[str, Any] | None = None,
+         rebuild: str = "run the stage that trains it (dvc repro)") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved model in eval mode; returns (model, metadata without weights). With the
+    prepared data's ``data_meta``, first check the model was trained for such images."""
     path = Path(path)
-    if not path.exists():
-        raise KdpipeError(f"{path} not found; run the stage that trains it first (dvc repro).")
-    blob = load_torch(path)
+    blob = load_torch(path, rebuild)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT or not MODEL_KEYS <= set(blob):
+        raise KdpipeError(f"{path} is not a kdpipe model file (a plain state_dict or another program's file: no "
+                          f"{MODEL_FORMAT!r} header); {rebuild}, or restore it with `dvc checkout {path}`.")
+    if data_meta is not None:
+        check_matches_data(blob, data_meta, path)
     pre = blob["preprocessing"]
-    model = build(blob["arch"], pre["channels"], len(blob["class_names"]), pre["image_size"], **blob["arch_params"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model = build(blob["arch"], pre["channels"], len(blob["class_names"]), pre["image_size"], **blob["arch_params"])
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise KdpipeError(f"{path} does not match its recorded architecture {blob['arch']!r} "
+                          f"({str(exc).splitlines()[0][:120]}); {rebuild}.") from None
     model.eval()
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model, meta
