@@ -155,7 +155,7 @@ def test_shipped_params_file_is_valid_and_typed():
     assert params.teacher.arch == "resnet18"
     assert params.student.arch == "student_cnn"
     assert params.student.arch_settings.widths == [32, 64, 128]
-    assert params.teacher.arch_settings.width == 64
+    assert params.teacher.arch_settings.width == 32
     assert isinstance(params.kd.temperature, float) and params.kd.temperature == SHIPPED["kd"]["temperature"]
     assert isinstance(params.kd.alpha, float) and 0 <= params.kd.alpha <= 1
     assert params.kd.methods == ["logit", "attention", "dkd"]  # multi_teacher needs kd.teachers
