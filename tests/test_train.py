@@ -81,7 +81,7 @@ def test_engine_learns_the_toy_data_and_writes_history_rows():
 
 
 def test_engine_keeps_the_best_on_validation_weights():
-    """Wreck the weights after epoch 3: epoch 4 then trains from NaNs and validates badly, and
+    """Wreck the weights after epoch 3: epoch 4 then trains from zeros and validates badly, and
     fit must hand back epoch 3's (or an earlier best) weights, not the last ones."""
     params = make_params({"epochs": 4, "schedule": "constant"}, crop_padding=1)
     snapshots = {}
@@ -93,7 +93,7 @@ def test_engine_keeps_the_best_on_validation_weights():
         if row["epoch"] == 3:
             with torch.no_grad():
                 for p in model.parameters():
-                    p.fill_(float("nan"))
+                    p.fill_(0.0)  # finite garbage (NaN would stop the run: the divergence guard)
 
     data = make_prepared()
     runtime = setup_runtime(params.runtime, 0)
@@ -333,3 +333,62 @@ def test_non_finite_weights_stop_training_even_when_the_loss_looks_fine():
 
     with pytest.raises(KdpipeError, match=r"diverged in epoch 1 \((loss|non-finite weights)"):
         run_fit(0, make_params(student={"epochs": 2}), objective_for=Poisoned)
+
+
+# ---- resume after a kill: the same bytes as an uninterrupted run ------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_training_resumes_to_the_same_weights_and_history(tmp_path):
+    from kdpipe.checkpoint import Checkpoint
+
+    params = make_params(student={"epochs": 4})
+    model_a, result_a, _ = run_fit(3, params)
+
+    checkpoint = Checkpoint("test", "fingerprint-1", tmp_path)
+
+    def kill_after_epoch_2(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    data = make_prepared()
+    runtime = setup_runtime(params.runtime, 3)
+    model_b = models.build("student_cnn", 1, data.num_classes, 8, widths=[8, 16], dropout=0.1)
+    job = TrainJob("test", CrossEntropyObjective(model_b), data, params.student, params.data.augment, runtime, 3)
+    with pytest.raises(Killed):
+        fit(job, on_epoch=kill_after_epoch_2, checkpoint=checkpoint)
+    assert checkpoint.path.exists()
+    torch.manual_seed(12345)  # a new process: other RNG states, other initial weights
+    runtime = setup_runtime(params.runtime, 3)
+    model_c = models.build("student_cnn", 1, data.num_classes, 8, widths=[8, 16], dropout=0.1)
+    replayed = []
+    job = TrainJob("test", CrossEntropyObjective(model_c), data, params.student, params.data.augment, runtime, 3)
+    result_c = fit(job, on_epoch=replayed.append, checkpoint=checkpoint)
+    assert [r["epoch"] for r in replayed] == [1, 2, 3, 4]  # restored epochs replayed (to MLflow), then trained
+    assert result_c.history == result_a.history
+    assert (result_c.best_epoch, result_c.best_val_accuracy) == (result_a.best_epoch, result_a.best_val_accuracy)
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(model_c.state_dict()[key], value), key
+
+
+def test_a_checkpoint_of_another_run_is_never_resumed(tmp_path, capsys):
+    from kdpipe.checkpoint import Checkpoint
+
+    params = make_params(student={"epochs": 2})
+    old = Checkpoint("test", "other-params", tmp_path)
+    data = make_prepared()
+    runtime = setup_runtime(params.runtime, 0)
+    model = models.build("student_cnn", 1, data.num_classes, 8, widths=[8, 16], dropout=0.1)
+    fit(TrainJob("test", CrossEntropyObjective(model), data, params.student, params.data.augment, runtime, 0),
+        checkpoint=old)
+    replayed = []
+    new = Checkpoint("test", "these-params", tmp_path)
+    runtime = setup_runtime(params.runtime, 0)
+    model = models.build("student_cnn", 1, data.num_classes, 8, widths=[8, 16], dropout=0.1)
+    fit(TrainJob("test", CrossEntropyObjective(model), data, params.student, params.data.augment, runtime, 0),
+        on_epoch=replayed.append, checkpoint=new)
+    assert "made for other params, code or inputs; training starts from epoch 1" in capsys.readouterr().err
+    assert [r["epoch"] for r in replayed] == [1, 2]

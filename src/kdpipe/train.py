@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
+from kdpipe.checkpoint import Checkpoint, rng_state, set_rng_state
 from kdpipe.config import AugmentConfig, TrainConfig
 from kdpipe.data.loader import Normalizer, TrainingBatches
 from kdpipe.data.prepare import PreparedData, Split
@@ -169,8 +170,49 @@ def check_finite(job: TrainJob, student: torch.nn.Module, row: dict) -> None:
                           f"({key}={job.recipe.lr:g}) or the loss weights, and run again (no model was written).")
 
 
-def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``job.objective.student`` in place; on return it holds the best-on-validation weights."""
+def training_state(objective: Objective, optim: "Optimisation", best: BestWeights, result: TrainResult,
+                   seconds: float) -> dict:
+    """Everything needed to continue after the last finished epoch (:mod:`kdpipe.checkpoint`)."""
+    return {
+        "objective": objective.state_dict(), "optimizer": optim.opt.state_dict(),
+        "scheduler": optim.sched.state_dict(), "scaler": optim.scaler.state_dict(),
+        "best": {"accuracy": best.accuracy, "epoch": best.epoch, "state": best.state},
+        "history": result.history, "epoch_seconds": result.epoch_seconds, "seconds": seconds,
+        "rng": rng_state(),
+    }
+
+
+def resume(job: TrainJob, checkpoint: Checkpoint, objective: Objective, optim: "Optimisation", best: BestWeights,
+           result: TrainResult, on_epoch: Callable[[dict], None] | None) -> int:
+    """Load ``checkpoint`` into this run if it was made for it; returns the first epoch to train
+    (0: start from scratch). The restored epochs are replayed to ``on_epoch`` (MLflow)."""
+    state = checkpoint.load()
+    if state is None:
+        return 0
+    objective.load_state_dict(state["objective"])
+    optim.opt.load_state_dict(state["optimizer"])
+    optim.sched.load_state_dict(state["scheduler"])
+    optim.scaler.load_state_dict(state["scaler"])
+    best.accuracy, best.epoch, best.state = state["best"]["accuracy"], state["best"]["epoch"], state["best"]["state"]
+    result.history[:] = state["history"]
+    result.epoch_seconds[:] = state["epoch_seconds"]
+    result.seconds = state["seconds"]
+    set_rng_state(state["rng"])
+    done = len(result.history)
+    print(f"{job.name}: resuming from {checkpoint.path} after epoch {done} of {job.recipe.epochs} "
+          f"(best validation accuracy so far {best.accuracy:.2f}% at epoch {best.epoch})", file=sys.stderr)
+    if on_epoch is not None:
+        for row, seconds in zip(result.history, result.epoch_seconds):
+            on_epoch({**row, "epoch_seconds": seconds})
+    return done
+
+
+def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None,
+        checkpoint: Checkpoint | None = None) -> TrainResult:
+    """Train ``job.objective.student`` in place; on return it holds the best-on-validation weights.
+
+    With a ``checkpoint``, every finished epoch is saved there and a matching checkpoint left by
+    a killed run is resumed (the result is the same as an uninterrupted run's)."""
     objective, data, recipe = job.objective, job.data, job.recipe
     student = objective.student
     job = replace(job, runtime=job.runtime.for_model(student, (data.channels, data.image_size, data.image_size)))
@@ -185,7 +227,8 @@ def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainR
     step_fn = torch.compile(objective.forward_train) if runtime.compile else objective.forward_train
 
     result, best, start = TrainResult(), BestWeights(), time.perf_counter()
-    for epoch in range(recipe.epochs):
+    first = resume(job, checkpoint, objective, optim, best, result, on_epoch) if checkpoint is not None else 0
+    for epoch in range(first, recipe.epochs):
         trained = train_epoch(job, batches, epoch, optim, step_fn)
         seconds = trained.pop("epoch_seconds")
         val_loss, val_acc = validate(student, val, batches.normalize, runtime)
@@ -195,12 +238,14 @@ def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None) -> TrainR
         result.history.append(row)  # no timing in the history: it stays a function of the inputs
         result.epoch_seconds.append(seconds)
         best.update(student, val_acc, epoch + 1)
+        if checkpoint is not None:
+            checkpoint.save(training_state(objective, optim, best, result, result.seconds + time.perf_counter() - start))
         tqdm.write(f"{job.name} epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f} "
                    f"train {row['train_acc']:.2f}% val {val_acc:.2f}% ({seconds:.1f}s)", file=sys.stderr)
         if on_epoch is not None:
             on_epoch({**row, "epoch_seconds": seconds})
     best.restore(student)
     result.best_epoch, result.best_val_accuracy = best.epoch, best.accuracy
-    result.seconds = time.perf_counter() - start
+    result.seconds += time.perf_counter() - start  # plus the killed run's epochs when resumed
     result.runtime = runtime.describe()
     return result

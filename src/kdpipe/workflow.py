@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from kdpipe import machine, models, paths
+from kdpipe.checkpoint import Checkpoint, run_fingerprint
 from kdpipe.config import Params
 from kdpipe.data.loader import Normalizer
 from kdpipe.data.prepare import PreparedData, load_prepared
@@ -52,14 +54,17 @@ class Setup:
         return models.build(cfg.arch, d.channels, d.num_classes, d.image_size, **arch_params), arch_params
 
     def train_and_save(self, name: str, stage: str, role: str, objective: Objective, arch_params: dict[str, Any],
-                       method: str | None = None) -> dict[str, Any]:
+                       method: str | None = None, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
         """Train ``objective``'s student with the ``role`` recipe; write models/<name>.pt, its
-        history, its metrics and its MLflow run."""
+        history, its metrics and its MLflow run. A checkpoint of a killed run with the same
+        params, code and ``inputs`` (besides the prepared data) is resumed."""
+        inputs = (paths.PREPARED_DIR, *inputs)
         params, data, recipe = self.params, self.data, getattr(self.params, role)
         job = TrainJob(name, objective, data, recipe, params.data.augment, self.runtime, self.seed)
+        checkpoint = Checkpoint(name, run_fingerprint(stage + (f"@{method}" if method else ""), inputs))
         with stage_run(stage, params, method) as run:
             result = fit(job, on_epoch=lambda row: run.log_metrics(
-                {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]))
+                {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]), checkpoint=checkpoint)
             student = objective.student.cpu().float().to(memory_format=torch.contiguous_format).eval()
             models.save(paths.model_path(name), student, recipe.arch, arch_params, data.meta,
                         extra={"best_epoch": result.best_epoch, "stage": stage})
@@ -78,7 +83,8 @@ class Setup:
             if params.mlflow.log_models:
                 normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
                 run.log_model(student, input_example=normalize(data.test.images[:1]).numpy())
-            return summary
+        checkpoint.remove()  # the model file is written: nothing left to resume
+        return summary
 
 
 def training_timing(result: TrainResult, threads: int) -> dict[str, Any]:
@@ -100,7 +106,8 @@ def train_teacher(params: Params) -> dict[str, Any]:
     if initialize is not None:  # e.g. mobilenet_v2's pretrained weights
         initialize(model, params.teacher.arch_settings)
     objective = CrossEntropyObjective(model, params.teacher.label_smoothing)
-    return setup.train_and_save(paths.TEACHER, "train_teacher", "teacher", objective, arch_params)
+    return setup.train_and_save(paths.TEACHER, "train_teacher", "teacher", objective, arch_params,
+                                inputs=(Path("teachers/pretrained"),))
 
 
 def train_baseline(params: Params) -> dict[str, Any]:
@@ -131,5 +138,8 @@ def distill(params: Params, method: str, settings: Any | None = None) -> dict[st
     inputs = MethodInputs(student, targets, params.student.label_smoothing,
                           (data.channels, data.image_size, data.image_size), data.meta)
     objective = plugin.factory(inputs, settings)
+    input_files = (paths.model_path(paths.TEACHER), paths.TEACHER_TARGETS_DIR / "meta.json",
+              paths.KD_SETTINGS_DIR / f"{method}.json",
+              *(Path(t) for t in getattr(settings, "teachers", ())))
     return setup.train_and_save(paths.distilled_name(method), "distill", "student", objective, arch_params,
-                                method=method)
+                                method=method, inputs=input_files)
