@@ -35,3 +35,10 @@ def test_missing_extra_is_one_sentence(monkeypatch):
 def test_nothing_prepared_says_run_download(tmp_path):
     with pytest.raises(KdpipeError, match="holds no prepared cats_vs_dogs data set"):
         cats_vs_dogs.load(tmp_path, CatsVsDogsSettings(), 12)
+
+
+def test_a_data_dir_that_does_not_exist_is_an_error_not_a_download_target(tmp_path):
+    typo = tmp_path / "tfds_dta"
+    with pytest.raises(KdpipeError, match=r"data.cats_vs_dogs.data_dir='.*tfds_dta' is not a folder"):
+        cats_vs_dogs.download(tmp_path / "raw", CatsVsDogsSettings(data_dir=str(typo)))
+    assert not typo.exists() and not (tmp_path / "raw").exists()  # nothing created, nothing downloaded

@@ -83,6 +83,10 @@ def _prepare_with_tfds(builder: Any, where: str) -> None:
 
 
 def download(raw_dir: Path, settings: CatsVsDogsSettings) -> dict:
+    if settings.data_dir and not Path(settings.data_dir).expanduser().is_dir():
+        # a typo must not become a download target (minutes of retries into a new folder)
+        raise KdpipeError(f"data.cats_vs_dogs.data_dir={settings.data_dir!r} is not a folder; point it at an existing "
+                          "TFDS data_dir, or set it to null to download cats_vs_dogs with TFDS.")
     tfds = tfds_module()
     raw_dir.mkdir(parents=True, exist_ok=True)
     if settings.data_dir:
