@@ -21,9 +21,11 @@ from tests.dvc_project import make_dvc_project
 
 pytestmark = pytest.mark.e2e
 
-ALL_STAGES = ["download", "prepare", "train_teacher", "train_student", "teacher_targets", "kd_settings",
+ALL_STAGES = ["check_params", "download", "prepare", "train_teacher", "train_student", "teacher_targets", "kd_settings",
               "distill@logit", "evaluate", "report"]
-DOWNSTREAM_OF_KD = ["kd_settings", "distill@logit", "evaluate", "report"]
+DOWNSTREAM_OF_KD = ["check_params", "kd_settings", "distill@logit", "evaluate", "report"]
+FORCED = ["prepare", "train_student", "teacher_targets", "evaluate"]  # re-run by force on the same inputs
+NO_MLFLOW_RUN = {"check_params", "kd_settings"}  # bookkeeping: they resolve params, train and measure nothing
 MODEL_KEYS = {"test_accuracy", "test_accuracy_ci95", "params", "size_mb"}
 STUDENT_KEYS = MODEL_KEYS | {"compression_ratio", "accuracy_vs_teacher"}
 TIMING_KEYS = {"latency_ms_p50", "latency_ms_p10", "latency_ms_p90", "throughput_ips", "efficiency"}
@@ -101,7 +103,7 @@ def project(tmp_path_factory) -> Project:
     # the same inputs again: prepare, a training, the teacher targets and evaluate re-run by force
     r["forced_prepare"] = stages_run(p.run("dvc", "repro", "-f", "-s", "prepare").stdout)
     r["status_after_forced_prepare"] = p.run("dvc", "status", "--json").stdout
-    for stage in ("train_student", "teacher_targets", "evaluate"):
+    for stage in FORCED[1:]:
         p.run("dvc", "repro", "-f", "-s", stage)
     r["hashes_forced"] = output_hashes(root)
     r["status_after_forced"] = p.run("dvc", "status", "--json").stdout
@@ -301,15 +303,14 @@ def mlflow_runs(project):
 def test_mlflow_has_one_run_per_stage_execution(project, mlflow_runs):
     _, runs = mlflow_runs
     names = [run.info.run_name for run in runs]
-    # kd_settings is bookkeeping (it resolves params, trains and measures nothing): no run of its own
-    assert names == [s for s in ALL_STAGES + DOWNSTREAM_OF_KD if s != "kd_settings"]
+    assert names == [s for s in ALL_STAGES + FORCED + DOWNSTREAM_OF_KD if s not in NO_MLFLOW_RUN]
     assert all(run.info.status == "FINISHED" for run in runs)
 
 
 def test_mlflow_tags(project, mlflow_runs):
     _, runs = mlflow_runs
     r = project.results
-    n = len([s for s in ALL_STAGES if s != "kd_settings"])  # runs of the first repro (kd_settings logs none)
+    n = len([s for s in ALL_STAGES + FORCED if s not in NO_MLFLOW_RUN])  # runs before the experiment
     for i, run in enumerate(runs):
         tags = run.data.tags
         in_exp = i >= n

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 RAW_DIR = Path("data/raw")
+DATA_SOURCE_FILE = Path("data/data_source.json")  # check_params: the validated data set name
 PREPARED_DIR = Path("data/prepared")
 TEACHER_TARGETS_DIR = Path("data/teacher_targets")
 KD_SETTINGS_DIR = Path("data/kd_settings")
