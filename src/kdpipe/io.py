@@ -74,11 +74,17 @@ def load_torch(path: str | Path, rebuild: str = "re-run the stage that writes it
     path = Path(path)
     if not path.is_file():
         raise KdpipeError(f"{path} not found; {rebuild}.")
+    if not zipfile.is_zipfile(path):  # every torch.save archive is a zip: this one is cut short or garbage
+        raise KdpipeError(f"{path} is truncated or corrupt (not a complete PyTorch archive); {rebuild}, "
+                          f"or restore it with `dvc checkout {path}`.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        problem = "holds objects other than tensors (not a file kdpipe wrote; it was not unpickled)"
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):  # the safe loader refused an object: a foreign file
+            problem = "holds objects other than tensors (not a file kdpipe wrote; it was not unpickled)"
+        else:
+            problem = f"is truncated or corrupt ({str(exc).splitlines()[0][:120]})"
+    except Exception as exc:  # a damaged archive can fail in many ways; none is worth a traceback
         problem = f"is truncated or corrupt ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
     raise KdpipeError(f"{path} {problem}; {rebuild}, or restore it with `dvc checkout {path}`.")
 
