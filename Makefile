@@ -1,4 +1,5 @@
 # kdpipe: `make repro` runs the pipeline, `make test` runs the tests; both set up .venv first.
+# `make help` lists the targets (the `## ` comments below).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 DATA   ?=
 N      ?= 3
 FIRST  ?= 1
-.PHONY: setup repro exp compare presets replicate test ui clean-venv
+.PHONY: setup help repro exp compare presets replicate test ui clean-venv
 
 setup: $(STAMP)  ## create .venv and install the pinned dependencies and kdpipe (idempotent)
 
@@ -18,12 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,tfds]"
 	touch $(STAMP)
 
-repro: setup  ## run the whole DVC pipeline; DATA=cifar10|cifar10-cpu|intel|cats_vs_dogs|digits first writes that preset into params.yaml
-	$(if $(DATA),$(BIN)/python -m kdpipe.presets $(DATA) &&) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+help:  ## list the targets
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / { printf "  make %-11s %s\n", $$1, $$2 }' $(firstword $(MAKEFILE_LIST))
+
+repro: setup  ## run the whole DVC pipeline; DATA=cifar10|cifar10-cpu|intel|cats_vs_dogs|digits first writes that preset into params.yaml (put back if the run fails)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(DATA),$(BIN)/python -m kdpipe.presets $(DATA) --run --) $(BIN)/dvc repro
 
 exp: setup  ## a DVC experiment on DATA's preset (-S flags; params.yaml is left as it is): make exp DATA=cifar10 [ARGS="-S kd.alpha=0.5"]
 	@test -n "$(DATA)" || { echo "error: name the data set, e.g. make exp DATA=cifar10 (see make presets)." >&2; exit 2; }
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run $$($(BIN)/python -m kdpipe.presets $(DATA) --flags) $(ARGS)
+	flags="$$($(BIN)/python -m kdpipe.presets $(DATA) --flags)" && PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run $$flags $(ARGS)
 
 replicate: setup  ## N seed replicates of the committed run (only student.seed varies) through DVC's queue, then their table: make replicate N=3 [FIRST=1]
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate --seeds $(N) --first $(FIRST)
@@ -41,5 +45,5 @@ test: setup  ## run the test suite
 ui: setup  ## the MLflow UI on the project's tracking store, on 127.0.0.1 only
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $${PORT:-5000}
 
-clean-venv:
+clean-venv:  ## remove .venv
 	rm -rf $(VENV)

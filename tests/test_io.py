@@ -1,8 +1,12 @@
-"""File helpers (kdpipe.io): streamed file hashing."""
+"""File helpers (kdpipe.io): streamed file hashing, atomic writes and their permissions."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
+
+import pytest
 
 from kdpipe.io import file_digest
 from tests.data_fixtures import md5
@@ -33,3 +37,54 @@ def test_save_torch_writes_the_same_bytes_for_the_same_object(tmp_path):
     loaded = load_torch(tmp_path / "two.pt")
     assert torch.equal(loaded["weights"], obj["weights"]) and loaded["names"] == ["a", "b"]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_outputs_get_the_usual_permissions_not_owner_only(tmp_path, umask):
+    """Atomic writes used tempfile.mkstemp, whose files are 0600 whatever the umask."""
+    from kdpipe.data.fetch import download_file
+    from kdpipe.io import atomic_dir, save_torch, write_csv, write_json
+
+    write_json(tmp_path / "metrics/m.json", {"a": 1})
+    write_csv(tmp_path / "plots/p.csv", [{"a": 1}])
+    save_torch(tmp_path / "models/m.pt", {"w": 1})
+    with atomic_dir(tmp_path / "cache") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"data")
+    download_file(str(source), tmp_path / "raw/source.bin", hashlib.md5(b"data").hexdigest(), "data.x")
+    for name in ("metrics/m.json", "plots/p.csv", "models/m.pt", "cache/meta.json", "raw/source.bin"):
+        assert _mode(tmp_path / name) == 0o666 & ~umask, name  # 0644 under umask 022, 0600 under 077
+    assert _mode(tmp_path / "cache") == 0o777 & ~umask
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []  # no temporary file or folder left
+
+
+def test_atomic_writes_leave_the_old_output_when_they_fail(tmp_path):
+    from kdpipe.io import atomic_dir, atomic_path
+
+    (tmp_path / "out.txt").write_text("old")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir/f").write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "dir") as tmp:
+        (tmp / "g").write_text("half")
+        raise RuntimeError
+    assert (tmp_path / "out.txt").read_text() == "old" and [p.name for p in (tmp_path / "dir").iterdir()] == ["f"]
+    with atomic_dir(tmp_path / "dir") as tmp:
+        (tmp / "g").write_text("new")
+    assert [p.name for p in (tmp_path / "dir").iterdir()] == ["g"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "out.txt"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 import yaml
@@ -102,3 +103,55 @@ def test_a_preset_missing_a_key_is_refused(tmp_path, params_copy):
     (broken / "intel.yaml").write_text("data:\n  name: intel\n")
     with pytest.raises(KdpipeError, match="intel.yaml does not set .*teacher.epochs"):
         presets.apply("cifar10", params_copy, broken)
+
+
+def _python(code):
+    return [sys.executable, "-c", code]
+
+
+def test_run_keeps_the_preset_when_the_command_succeeds(params_copy):
+    assert presets.run_with_preset("cifar10", _python("pass"), params_copy, PRESETS_DIR) == 0
+    assert load_params(params_copy).data.name == "cifar10"
+
+
+def test_run_restores_the_previous_bytes_when_the_command_fails(params_copy, capsys):
+    before = params_copy.read_bytes()
+    status = presets.run_with_preset("cifar10", _python("import sys; sys.exit(3)"), params_copy, PRESETS_DIR)
+    assert status == 3 and params_copy.read_bytes() == before
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was restored as it was before the cifar10 preset" in err
+    assert "failed (exit status 3)" in err
+    # a command that cannot start: the same
+    assert presets.run_with_preset("cifar10", ["no-such-command-kdpipe"], params_copy, PRESETS_DIR) == 127
+    assert params_copy.read_bytes() == before
+
+
+def test_run_leaves_params_yaml_when_there_is_nothing_to_undo(params_copy, capsys):
+    presets.apply("cifar10", params_copy, PRESETS_DIR)
+    already = params_copy.read_bytes()
+    assert presets.run_with_preset("cifar10", _python("raise SystemExit(1)"), params_copy, PRESETS_DIR) == 1
+    assert params_copy.read_bytes() == already and "restored" not in capsys.readouterr().err
+    # params.yaml edited while the command ran: the edit is kept, not overwritten
+    presets.apply("digits", params_copy, PRESETS_DIR)
+    edit = f"open({str(params_copy)!r}, 'a').write('# edited\\n'); raise SystemExit(1)"
+    assert presets.run_with_preset("cifar10", _python(edit), params_copy, PRESETS_DIR) == 1
+    assert params_copy.read_text().endswith("# edited\n")
+    assert "changed while" in capsys.readouterr().err
+
+
+def test_run_with_a_misspelt_preset_runs_nothing(params_copy, tmp_path):
+    before = params_copy.read_bytes()
+    marker = tmp_path / "ran"
+    with pytest.raises(KdpipeError, match="there is no preset 'cifar'"):
+        presets.run_with_preset("cifar", _python(f"open({str(marker)!r}, 'w')"), params_copy, PRESETS_DIR)
+    assert not marker.exists() and params_copy.read_bytes() == before
+
+
+def test_run_command_line(params_copy):
+    with pytest.raises(SystemExit) as exc:
+        presets.main(["cifar10", "--params", str(params_copy), "--presets-dir", str(PRESETS_DIR), "--run", "--",
+                      *_python("raise SystemExit(4)")])
+    assert exc.value.code == 4
+    with pytest.raises(SystemExit) as exc:  # --run without a command
+        presets.main(["cifar10", "--run"])
+    assert exc.value.code == 2

@@ -168,10 +168,25 @@ def test_nothing_to_aggregate_is_one_sentence(tmp_path):
     exp_show = copy.deepcopy(EXP_SHOW)
     exp_show[1]["data"]["metrics"] = {}
     exp_show[1]["experiments"] = []
-    with pytest.raises(KdpipeError, match="run kdpipe replicate --seeds N first"):
+    with pytest.raises(KdpipeError, match=r"has no finished run \(its metrics/evaluation.json is not committed\) "
+                                          "and no experiments; run kdpipe replicate --seeds N first"):
         replicate_report(tmp_path, exp_show)
     with pytest.raises(KdpipeError, match="lists no commit"):
         replicate_report(tmp_path, exp_show[:1])
+
+
+def test_experiments_that_are_no_replicates_are_named_with_the_reason(tmp_path):
+    """Not "run kdpipe replicate first" when experiments exist: why none of them counts."""
+    exp_show = copy.deepcopy(EXP_SHOW)
+    exp_show[1]["data"]["metrics"] = {}
+    for name in ("seed-1", "seed-2"):
+        _experiment(exp_show, name)["params"]["params.yaml"]["data"]["kd"]["temperature"] = 2.0
+    with pytest.raises(KdpipeError) as exc:
+        replicate_report(tmp_path, exp_show)
+    message = str(exc.value)
+    assert "(its metrics/evaluation.json is not committed), and none of its 3 experiment(s) is a" in message
+    assert "(probe: not re-run for its student seed" in message and "seed-1: other params differ" in message
+    assert "run kdpipe replicate --seeds N first" not in message and not (tmp_path / "replicates.md").exists()
 
 
 # ---- queueing them (dvc replaced by a recording fake) -----------------------------------------

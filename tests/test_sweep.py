@@ -3,14 +3,16 @@ tests/test_e2e_kd_methods.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from kdpipe.cli import main
 from kdpipe.errors import KdpipeError
-from kdpipe.sweep import experiment_records, collect_rows, grid, sweep_report
+from kdpipe.sweep import collect_rows, experiment_records, grid, sweep_report, why_no_rows
 
 
 def _rev(name, t, a, acc, ts, baseline=90.0, error=None):
@@ -64,20 +66,54 @@ def test_cli_writes_heatmap_and_sorted_table(tmp_path, capsys):
     assert "95.25" in capsys.readouterr().out
 
 
-def test_no_finished_experiment_is_one_sentence(tmp_path, capsys):
-    with pytest.raises(KdpipeError, match="run the sweep first"):
+def test_no_experiments_at_all_is_one_sentence(tmp_path, capsys):
+    with pytest.raises(KdpipeError, match="^dvc exp show lists no experiments; run the sweep first"):
         sweep_report(tmp_path, "logit", exp_show=EXP_SHOW[:1])
+    assert "lists no experiments of the HEAD commit (--all-commits" in why_no_rows([], "logit", head_only=True)
     src = tmp_path / "empty.json"
     src.write_text("[]")
     assert main(["sweep-report", "--input", str(src), "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.startswith("error: no finished experiment")
+    assert capsys.readouterr().err.startswith("error: dvc exp show lists no experiments;")
+    src.write_text('{"not": "exp show"}')
+    assert main(["sweep-report", "--input", str(src), "--out", str(tmp_path)]) == 2
+    assert "is JSON but not 'dvc exp show --json' output" in capsys.readouterr().err
+
+
+def _cli_error(tmp_path, capsys, exp_show, *args):
+    src = tmp_path / "exp_show.json"
+    src.write_text(json.dumps(exp_show))
+    assert main(["sweep-report", "--input", str(src), "--out", str(tmp_path / "sweep"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1  # one sentence
+    assert not (tmp_path / "sweep").exists()
+    return err
+
+
+def test_a_misspelt_method_names_the_methods_there_are(tmp_path, capsys):
+    err = _cli_error(tmp_path, capsys, EXP_SHOW, "--method", "logti")
+    assert "--method 'logti' is neither a method of the sweep's experiments (logit) nor a known KD method (" in err
+    assert "dkd" in err and "run the sweep first" not in err
+
+
+def test_a_known_method_the_sweep_did_not_distill(tmp_path, capsys):
+    err = _cli_error(tmp_path, capsys, EXP_SHOW, "--method", "dkd")
+    assert "none of the 5 finished experiment(s) distilled with dkd (they have: logit); pass one of those" in err
+
+
+def test_failed_experiments_and_seed_replicates_are_not_a_sweep_to_run(tmp_path, capsys):
+    failed = copy.deepcopy(EXP_SHOW)
+    for exp in failed[1]["experiments"]:
+        exp["revs"][0]["error"] = {"msg": "stage failed"}
+    err = _cli_error(tmp_path, capsys, failed)
+    assert "none of the 6 experiment(s) finished (6 failed, 0 without metrics/evaluation.json)" in err
+    replicates = json.loads((Path(__file__).parent / "fixtures" / "exp_show_replicates.json").read_text())
+    err = _cli_error(tmp_path, capsys, replicates)
+    assert "the 3 experiment(s) shown are seed replicates" in err and "run the sweep first" in err
 
 
 def test_rows_from_a_real_dvc_exp_show():
     """The parsing shared with kdpipe replicate-report reads the real format (a trimmed
     ``dvc exp show --json``, see tests/test_replicate.py)."""
-    from pathlib import Path
-
     real = json.loads((Path(__file__).parent / "fixtures" / "exp_show_replicates.json").read_text())
     records = list(experiment_records(real))
     assert sorted(r.name for r in records) == ["probe", "seed-1", "seed-2"]

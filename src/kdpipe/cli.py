@@ -22,9 +22,12 @@ def _read_exp_show(path: str | None) -> object:
         return None
     try:
         with open(path) as fh:
-            return json.load(fh)
+            data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KdpipeError(f"--input {path!r} is not a readable 'dvc exp show --json' file ({exc}).") from None
+    if not isinstance(data, list) or not all(isinstance(entry, dict) for entry in data):
+        raise KdpipeError(f"--input {path!r} is JSON but not 'dvc exp show --json' output (a list of commits).")
+    return data
 
 
 def _compare(args: argparse.Namespace) -> int:

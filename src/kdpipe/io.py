@@ -1,4 +1,8 @@
-"""Atomic writes: a reader (or DVC) never sees a half-written output. Plus file hashing."""
+"""Atomic writes: a reader (or DVC) never sees a half-written output. Plus file hashing.
+
+Every output (metrics, reports, figures, prepared data, models, downloads) is written through
+:func:`atomic_path` or :func:`atomic_dir`, with the permissions a plain ``open(path, "w")`` would
+give (0666/0777 less the umask)."""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import shutil
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +26,55 @@ from kdpipe.errors import KdpipeError
 CHUNK = 1 << 20  # 1 MiB: hash files of any size in constant memory
 
 
+def _new_temp(folder: Path, name: str, suffix: str, make: Callable[[Path], None]) -> Path:
+    """Create a new, unique ``folder/.<name>.<random><suffix>`` with ``make``; the name is
+    random so that concurrent writers never share a temporary file."""
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            make(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {folder / name}")
+
+
+def _create_file(path: Path) -> None:
+    # 0o666 filtered by the umask, like open(path, "w") (tempfile.mkstemp would give 0600)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a new, empty temporary file next to ``path``; rename it onto ``path`` only on
+    success. Its permissions are the usual ones (0666 less the umask: 0644 under umask 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp(path.parent, path.name, suffix, _create_file)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a new, empty temporary folder next to ``path`` (0777 less the umask); on success
+    it replaces ``path`` (a previous ``path`` is removed only then), else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp(path.parent, path.name, ".tmp", lambda p: p.mkdir())
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:

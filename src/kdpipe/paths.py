@@ -32,6 +32,11 @@ def is_distilled(name: str) -> bool:
     return name.startswith(_DISTILLED_PREFIX)
 
 
+def distilled_method(name: str) -> str:
+    """The method of a distilled student's name (the inverse of :func:`distilled_name`)."""
+    return name.removeprefix(_DISTILLED_PREFIX)
+
+
 def model_path(name: str) -> Path:
     return MODELS_DIR / f"{name}.pt"
 

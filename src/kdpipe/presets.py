@@ -8,9 +8,11 @@ keys, so switching from one to another leaves nothing of the previous one behind
     python -m kdpipe.presets cifar10 --flags   # print it as `-S key=value` flags instead:
     dvc exp run $(python -m kdpipe.presets cifar10 --flags)
     python -m kdpipe.presets --list            # the presets and what they are
+    python -m kdpipe.presets cifar10 --run -- dvc repro   # write it, run the command; if that fails,
+                                               # params.yaml gets its previous bytes back
 
-``make repro DATA=cifar10`` applies the preset, then runs ``dvc repro``. The result is
-validated like any params.yaml before anything is written.
+``make repro DATA=cifar10`` runs the ``--run -- dvc repro`` form. The result is validated
+like any params.yaml before anything is written.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -147,14 +152,67 @@ def describe(name: str, presets_dir: Path = PRESETS_DIR) -> str:
     return " ".join(header).split(". ")[0].rstrip(".") + "."
 
 
+def run_with_preset(name: str, command: list[str], params_path: Path = PARAMS_FILE,
+                    presets_dir: Path = PRESETS_DIR) -> int:
+    """Apply preset ``name`` and run ``command``; when the command fails, put back the bytes
+    params.yaml had before (unless it was changed meanwhile). Returns the command's exit status."""
+    before = params_path.read_bytes()
+    _print_changes(name, apply(name, params_path, presets_dir), params_path)
+    written = params_path.read_bytes()
+    sys.stdout.flush()  # the changes before the command's own output
+    try:
+        process = subprocess.Popen(command)
+    except FileNotFoundError:
+        status = 127  # the shell's "command not found"
+        print(f"error: {command[0]}: command not found", file=sys.stderr)
+    else:
+        while True:
+            try:
+                status = process.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached the command too: let it stop on its own
+                continue
+        if status < 0:  # killed by signal -status: report it as a shell would
+            status = 128 - status
+    if status != 0 and written != before:
+        if params_path.read_bytes() == written:
+            from kdpipe.io import atomic_path
+
+            with atomic_path(params_path) as tmp:
+                tmp.write_bytes(before)
+            print(f"{params_path} was restored as it was before the {name} preset, because "
+                  f"`{shlex.join(command)}` failed (exit status {status}).", file=sys.stderr)
+        else:
+            print(f"{params_path} changed while `{shlex.join(command)}` ran, so it was left as it is "
+                  f"(the command failed, exit status {status}).", file=sys.stderr)
+    return status
+
+
+def _print_changes(name: str, changes: dict[str, tuple[Any, Any]], params_path: Path) -> None:
+    if not changes:
+        print(f"{params_path} already has the {name} preset")
+    for key, (old, new) in changes.items():
+        print(f"{params_path}: {key}: {json.dumps(old)} -> {json.dumps(new)}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kdpipe.presets", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command: list[str] = []
+    if "--" in argv:  # --run's command
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(prog="python -m kdpipe.presets", description=__doc__.split("\n\n")[0],
+                                     usage="%(prog)s [NAME] [--flags | --list | --run -- COMMAND ...]")
     parser.add_argument("name", nargs="?", help="the preset (data set) to switch to")
     parser.add_argument("--flags", action="store_true", help="print `-S key=value` flags for dvc exp run instead")
     parser.add_argument("--list", action="store_true", help="list the presets")
+    parser.add_argument("--run", action="store_true",
+                        help="then run the COMMAND after `--` (-- dvc repro); if it fails, params.yaml is restored")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="the params file to edit (params.yaml)")
     parser.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run != bool(command) or (args.run and (args.flags or not args.name)):
+        parser.error("--run needs a preset NAME and a COMMAND after `--` (and goes without --flags)")
     if args.list or not args.name:
         for name in available(args.presets_dir):
             print(f"{name:14s} {describe(name, args.presets_dir)}")
@@ -162,12 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.flags:
         print(" ".join(flags(args.name, args.presets_dir)))
         return
-    changes = apply(args.name, args.params, args.presets_dir)
-    if not changes:
-        print(f"{args.params} already has the {args.name} preset")
-    for key, (old, new) in changes.items():
-        print(f"{args.params}: {key}: {json.dumps(old)} -> {json.dumps(new)}")
-
+    if args.run:
+        sys.exit(run_with_preset(args.name, command, args.params, args.presets_dir))
+    _print_changes(args.name, apply(args.name, args.params, args.presets_dir), args.params)
 
 if __name__ == "__main__":
     from kdpipe.stage import main as run_stage

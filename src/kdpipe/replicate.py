@@ -27,7 +27,7 @@ from typing import Any
 
 from kdpipe import paths
 from kdpipe.errors import KdpipeError
-from kdpipe.sweep import ExpRecord, exp_commits, run_exp_show
+from kdpipe.sweep import EVALUATION_FILE, ExpRecord, exp_commits, run_exp_show
 
 NAME_PREFIX = "seed-"
 TABLE_FILE = "replicates.md"
@@ -367,6 +367,20 @@ def plot_replicates(replicates: Sequence[Replicate], path: Path) -> None:
     plt.close(fig)
 
 
+def why_no_replicates(commit: ExpRecord, skipped: dict[str, str]) -> str:
+    """Why :func:`collect_replicates` found no replicate, as one sentence."""
+    named = f" ({commit.name})" if commit.name and commit.name != commit.rev[:7] else ""
+    own = f"commit {commit.rev[:7]}{named} has no finished run"
+    if not commit.evaluation:
+        own += f" (its {EVALUATION_FILE} is not committed)"
+    if not skipped:
+        return f"{own} and no experiments; run kdpipe replicate --seeds N first."
+    reasons = "; ".join(f"{name}: {why}" for name, why in sorted(skipped.items())[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return (f"{own}, and none of its {len(skipped)} experiment(s) is a finished seed replicate of it "
+            f"({reasons}{more}); see kdpipe replicate-report --help for what counts as one.")
+
+
 def replicate_report(out_dir: str | Path, exp_show: Any = None, repo: str | Path = ".") -> list[Replicate]:
     """Write ``replicates.md`` and ``replicates.png`` into ``out_dir``; return the replicates."""
     from kdpipe.io import atomic_path
@@ -375,8 +389,7 @@ def replicate_report(out_dir: str | Path, exp_show: Any = None, repo: str | Path
         exp_show = run_exp_show(repo)
     commit, replicates, skipped = collect_replicates(exp_show)
     if not replicates:
-        raise KdpipeError(f"no finished run of commit {commit.name} or of its seed experiments has "
-                          f"{paths.BASELINE} test accuracies; run kdpipe replicate --seeds N first.")
+        raise KdpipeError(why_no_replicates(commit, skipped))
     out = Path(out_dir)
     plot_replicates(replicates, out / FIGURE_FILE)
     out.mkdir(parents=True, exist_ok=True)

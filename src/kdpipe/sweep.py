@@ -107,17 +107,53 @@ def experiment_records(exp_show: Any) -> Iterator[ExpRecord]:
         yield from experiments
 
 
+def _sweep_experiments(exp_show: Any) -> list[ExpRecord]:
+    """Every experiment shown except seed replicates (kdpipe replicate): those differ from
+    their commit in student.seed, so they are no points of a T×α sweep."""
+    points = []
+    for commit, experiments in exp_commits(exp_show):
+        seed = (commit.params.get("student") or {}).get("seed")
+        points += [exp for exp in experiments if (exp.params.get("student") or {}).get("seed") == seed]
+    return points
+
+
 def collect_rows(exp_show: Any, method: str = "logit") -> list[SweepRow]:
     """One row per finished experiment that has kd.temperature, kd.alpha and the method's accuracy."""
     key = paths.distilled_name(method)
-    rows = []
-    for commit, experiments in exp_commits(exp_show):
-        seed = (commit.params.get("student") or {}).get("seed")
-        for exp in experiments:
-            if (exp.params.get("student") or {}).get("seed") != seed:
-                continue  # a seed replicate (kdpipe replicate), not a point of the T×α sweep
-            rows.extend(_sweep_row(exp, key))
-    return rows
+    return [row for exp in _sweep_experiments(exp_show) for row in _sweep_row(exp, key)]
+
+
+def why_no_rows(exp_show: Any, method: str, head_only: bool = False) -> str:
+    """Why :func:`collect_rows` found nothing for ``method``, as one sentence: no experiments,
+    only seed replicates, none finished, or a method that none of them distilled.
+    ``head_only``: ``exp_show`` is dvc's answer without --all-commits."""
+    from kdpipe.distill.base import METHODS
+
+    start = "run the sweep first (dvc exp run --queue -S 'kd.temperature=...' -S 'kd.alpha=...', dvc queue start)"
+    everything = list(experiment_records(exp_show))
+    points = _sweep_experiments(exp_show)
+    finished = [exp for exp in points if not exp.failed and exp.evaluation]
+    if not everything:
+        where = " of the HEAD commit (--all-commits adds older commits)" if head_only else ""
+        return f"dvc exp show lists no experiments{where}; {start}."
+    if not points:
+        return (f"the {len(everything)} experiment(s) shown are seed replicates (they differ from their commit in "
+                f"student.seed), not points of a T×α sweep; {start}.")
+    if not finished:
+        failed = sum(exp.failed for exp in points)
+        return (f"none of the {len(points)} experiment(s) finished ({failed} failed, {len(points) - failed} "
+                f"without {EVALUATION_FILE}); see dvc exp show and dvc queue logs.")
+    found = sorted({paths.distilled_method(model) for exp in finished for model in exp.evaluation
+                    if paths.is_distilled(model)})
+    listed = ", ".join(found) or "none"
+    if method not in found and method not in METHODS.names():
+        return (f"--method {method!r} is neither a method of the sweep's experiments ({listed}) nor a known "
+                f"KD method ({', '.join(METHODS.names())}).")
+    if method not in found:
+        return (f"none of the {len(finished)} finished experiment(s) distilled with {method} (they have: "
+                f"{listed}); pass one of those to --method, or sweep with {method} in kd.methods.")
+    return (f"no finished experiment with {paths.distilled_name(method)} in {EVALUATION_FILE} has kd.temperature "
+            f"and kd.alpha in {PARAMS_FILE}; {start}.")
 
 
 def _sweep_row(exp: ExpRecord, key: str) -> list[SweepRow]:
@@ -194,13 +230,13 @@ def sweep_report(out_dir: str | Path, method: str = "logit", exp_show: Any = Non
     """Write ``sweep_heatmap.png`` and ``sweep_table.md`` into ``out_dir``; return the rows."""
     from kdpipe.io import atomic_path
 
+    head_only = exp_show is None and not all_commits
     if exp_show is None:
         exp_show = run_exp_show(repo, all_commits)
     rows = collect_rows(exp_show, method)
     model = paths.distilled_name(method)
     if not rows:
-        raise KdpipeError(f"no finished experiment has kd.temperature, kd.alpha and {model} in "
-                          f"{EVALUATION_FILE}; run the sweep first (dvc exp run --queue ..., dvc queue start).")
+        raise KdpipeError(why_no_rows(exp_show, method, head_only))
     out = Path(out_dir)
     plot_heatmap(rows, method, out / "sweep_heatmap.png")
     with atomic_path(out / "sweep_table.md") as tmp:

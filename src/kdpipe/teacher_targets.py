@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,7 @@ from kdpipe.data.prepare import PreparedData, load_prepared
 from kdpipe.distill.base import BatchContext
 from kdpipe.distill.targets import CachedTeacher, OnlineTeacher, TeacherLogits
 from kdpipe.errors import KdpipeError
-from kdpipe.io import file_digest, read_json, write_json
+from kdpipe.io import atomic_dir, file_digest, read_json, write_json
 from kdpipe.runtime import Runtime, setup_runtime
 
 FORMAT = "kdpipe-teacher-targets/2"  # 2: logits_sha256, no timing
@@ -110,26 +108,11 @@ def compute_teacher_logits(teacher: nn.Module, data: PreparedData, epochs: int, 
     return out
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` onto ``target`` (the old one is removed only then)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | None = None,
                           teacher_sha256: str = "", data: PreparedData | None = None, epochs: int = 0,
                           batches: TrainingBatches | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
     """Write ``out_dir`` atomically (a finished directory or none); returns its meta."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         if mode == "online":
             meta: dict[str, Any] = {"format": FORMAT, "mode": "online",
                                     "note": "kd.teacher_targets=online: distillation runs the teacher itself"}
@@ -149,9 +132,6 @@ def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | N
                     "logits_sha256": file_digest(tmp / LOGITS_FILE),  # checked before every use
                     **fingerprint(data, batches, epochs, teacher, teacher_sha256, runtime)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

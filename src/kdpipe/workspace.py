@@ -51,6 +51,7 @@ def leftovers(roots: tuple[str, ...] = OUTPUT_ROOTS) -> list[Path]:
         if Path(root).is_dir():
             found += [p for p in Path(root).rglob(".*.tmp")]
             found += [p for p in Path(root).rglob(".*.extracting")]
+            found += [p for p in Path(root).rglob(".*.old")]  # a folder replaced by atomic_dir
     return sorted(found)
 
 

@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import os
 import socket
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,7 +23,7 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from kdpipe.errors import KdpipeError
-from kdpipe.io import CHUNK
+from kdpipe.io import CHUNK, atomic_path
 from kdpipe.redact import redact
 
 TIMEOUT_S = 60
@@ -81,13 +80,10 @@ def download_file(url: str, dest: str | Path, md5: str, settings: str, desc: str
     ``settings`` is the params section holding ``url`` and ``md5`` (named in error messages).
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     digest = hashlib.md5(usedforsecurity=False)
     received = 0
-    try:
-        with os.fdopen(fd, "wb") as out, _open(url, f"{settings}.url") as (src, size):
+    with atomic_path(dest, suffix=".part") as tmp:
+        with open(tmp, "wb") as out, _open(url, f"{settings}.url") as (src, size):
             with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=desc or dest.name,
                       mininterval=0.5) as bar:
                 while True:
@@ -116,7 +112,4 @@ def download_file(url: str, dest: str | Path, md5: str, settings: str, desc: str
                 f"({settings}.md5); the file is corrupted, truncated or not the "
                 "expected one — get a fresh copy, or fix the url/md5 pair."
             )
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        tmp.unlink(missing_ok=True)
+    return dest
