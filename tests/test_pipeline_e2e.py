@@ -26,8 +26,8 @@ DOWNSTREAM_OF_KD = ["kd_settings", "distill@logit", "evaluate", "report"]
 MODEL_KEYS = {"test_accuracy", "params", "size_mb", "latency_ms_b1", "throughput_ips"}
 STUDENT_KEYS = MODEL_KEYS | {"compression_ratio", "speedup", "accuracy_drop", "efficiency"}
 PAIRED_KEYS = {"accuracy_diff_vs_baseline", "accuracy_diff_ci95", "mcnemar_p", "gap_closed"}
-FIGURES = ["accuracy.png", "training_curves.png", "confusion_matrices.png", "predictions.png",
-           "accuracy_vs_latency.png", "accuracy_vs_size.png"]
+FIGURES = ["accuracy.png", "per_class_accuracy.png", "training_curves.png", "training_objectives.png",
+           "confusion_matrices.png", "predictions.png", "accuracy_vs_latency.png", "accuracy_vs_size.png"]
 EXP_NAME = "kd-t3"
 TEACHER_EPOCHS, STUDENT_EPOCHS = 1, 2
 
