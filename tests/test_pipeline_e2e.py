@@ -36,8 +36,8 @@ STABLE_OUTPUTS = ["data/prepared", "models", "data/teacher_targets", "plots/hist
                   "metrics/evaluation.json", "plots/curves.csv", "plots/predictions.csv", "plots/confusion",
                   "plots/per_class_accuracy.csv", "plots/accuracy_vs_size.csv"]
 PAIRED_KEYS = {"accuracy_diff_vs_baseline", "accuracy_diff_ci95", "mcnemar_p", "gap_closed"}
-FIGURES = ["accuracy.png", "training_curves.png", "confusion_matrices.png", "predictions.png",
-           "accuracy_vs_latency.png", "accuracy_vs_size.png"]
+FIGURES = ["accuracy.png", "per_class_accuracy.png", "training_curves.png", "training_objectives.png",
+           "confusion_matrices.png", "predictions.png", "accuracy_vs_latency.png", "accuracy_vs_size.png"]
 EXP_NAME = "kd-t3"
 TEACHER_EPOCHS, STUDENT_EPOCHS = 1, 2
 
