@@ -184,17 +184,14 @@ def test_objective_terms_are_the_loss_terms_besides_the_total():
 # ---- timing ----------------------------------------------------------------------------------
 
 
-def test_load_timing_prefers_the_timing_file_and_falls_back(tmp_path):
+def test_load_timing_reads_the_timing_file_or_says_there_is_none(tmp_path):
     evaluation = _evaluation()
     path = tmp_path / "timing" / "evaluate.json"
-    assert load_timing(path, evaluation) is None  # no file, no timing keys
-    legacy = {n: {**m, "latency_ms_b1": 0.5, "throughput_ips": 10.0, "threads": 2} for n, m in evaluation.items()}
-    old = load_timing(path, legacy)
-    assert old["models"]["baseline"] == {"latency_ms_p50": 0.5, "throughput_ips": 10.0}
-    assert old["machine"]["threads"] == 2 and old["machine"]["cpu"] is None
+    assert load_timing(path, evaluation) is None
     path.parent.mkdir()
     path.write_text(json.dumps(_timing()))
-    assert load_timing(path, legacy)["models"]["baseline"]["latency_ms_p50"] == 0.127
+    timing = load_timing(path, evaluation)
+    assert timing["models"]["baseline"]["latency_ms_p50"] == 0.127 and timing["source"] == str(path)
 
 
 # ---- rendering -------------------------------------------------------------------------------

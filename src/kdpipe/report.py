@@ -146,29 +146,13 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-_LEGACY_TIMING = {"latency_ms_b1": "latency_ms_p50", "throughput_ips": "throughput_ips", "speedup": "speedup",
-                  "efficiency": "efficiency"}
-
-
-def _legacy_timing(evaluation: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The timing shape built from an evaluation.json that still holds the timing keys (no CPU
-    name, no p10/p90), so a run evaluated before the timing file existed keeps its columns."""
-    models = {name: {new: m[old] for old, new in _LEGACY_TIMING.items() if m.get(old) is not None}
-              for name, m in evaluation.items()}
-    if not any("latency_ms_p50" in t for t in models.values()):
-        return None
-    threads = next((m["threads"] for m in evaluation.values() if m.get("threads") is not None), None)
-    return {"machine": {"cpu": None, "flags": [], "threads": threads}, "models": models,
-            "source": "metrics/evaluation.json"}
-
-
 def load_timing(path: Path, evaluation: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The timing of every model: ``path`` (metrics/timing/evaluate.json) when it exists, else
-    the timing keys of an older evaluation.json, else ``None`` (the report then says so)."""
+    """The timing of every model from ``path`` (metrics/timing/evaluate.json), or ``None`` when
+    there is none (the report then says so)."""
     if Path(path).exists():
         timing = read_json(path)
         return {**timing, "source": str(path)}
-    return _legacy_timing(evaluation)
+    return None
 
 
 def _records(evaluation: dict[str, dict[str, Any]], timing: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
