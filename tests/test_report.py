@@ -251,14 +251,3 @@ def test_report_renders_without_timing(tmp_path):
         assert (inputs["figures_dir"] / file).read_bytes()[:8] == PNG, file
 
 
-def test_report_with_an_old_evaluation_json_keeps_its_timing(tmp_path):
-    """Until evaluate writes metrics/timing/evaluate.json, the old keys still fill the columns."""
-    out = tmp_path / "reports" / "report.md"
-    inputs = _inputs(tmp_path)
-    for m in inputs["evaluation"].values():
-        m.update(latency_ms_b1=0.25, throughput_ips=1000.0, threads=2)
-    write_report(out, **inputs, timing=load_timing(tmp_path / "absent.json", inputs["evaluation"]))
-    report = out.read_text()
-    assert "Timed on a CPU whose name was not recorded, 2 thread(s)" in report
-    assert "| baseline | 94,186 | 0.361 | 118.2× | 0.250 | – | 1,000 | – | – |" in report.splitlines()
-    assert (inputs["figures_dir"] / "accuracy_vs_latency.png").read_bytes()[:8] == PNG
