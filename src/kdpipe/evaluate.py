@@ -182,6 +182,7 @@ def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
         for name, metrics in results.items():
             run.log_metrics(mlflow_metrics(name, metrics))
         run.log_artifact(paths.METRICS_DIR / "evaluation.json")
+        run.log_model_results(results)  # each model's test accuracy, also on the run that trained it
     return results
 
 
