@@ -42,7 +42,8 @@ presets: setup  ## list the data-set presets
 test: setup  ## run the test suite
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
-ui: setup  ## the MLflow UI on the project's tracking store, on 127.0.0.1 only
+ui: setup  ## the MLflow UI on the project's tracking store, on 127.0.0.1 only; prints the runs table's address
+	@echo "MLflow runs table: $$($(BIN)/kdpipe ui-url --port $${PORT:-5000} 2>/dev/null || echo http://127.0.0.1:$${PORT:-5000})"
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $${PORT:-5000}
 
 clean-venv:  ## remove .venv

@@ -221,7 +221,7 @@ def test_evaluate_all_writes_the_paired_statistics(tmp_path, monkeypatch):
         write_csv(paths.history_path(name), [{"model": name, "epoch": 1, "train_loss": 1.0, "train_acc": 50.0,
                                               "val_loss": 1.0, "val_acc": 50.0}])
 
-    def fake_load(path):
+    def fake_load(path, data_meta=None):
         name = Path(path).stem
         answers = torch.where(torch.from_numpy(right[name]), labels, (labels + 1) % 4)
         return FixedPredictor(answers, 4), {}

@@ -300,7 +300,8 @@ def mlflow_runs(project):
     experiment = client.get_experiment_by_name("kdpipe")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], max_results=100, order_by=["attributes.start_time ASC"])
-    return client, runs
+    # the stage runs; each execution's parent run has its own test below
+    return client, [run for run in runs if run.data.tags.get("kdpipe.run_kind") != "pipeline"]
 
 
 def test_mlflow_has_one_run_per_stage_execution(project, mlflow_runs):
@@ -308,6 +309,30 @@ def test_mlflow_has_one_run_per_stage_execution(project, mlflow_runs):
     names = [run.info.run_name for run in runs]
     assert names == [s for s in ALL_STAGES + FORCED + DOWNSTREAM_OF_KD if s not in NO_MLFLOW_RUN]
     assert all(run.info.status == "FINISHED" for run in runs)
+
+
+def test_mlflow_nests_each_execution_under_one_parent_run(project, mlflow_runs):
+    client, runs = mlflow_runs
+    r = project.results
+    experiment = client.get_experiment_by_name("kdpipe")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs table, not GenAI
+    assert experiment.artifact_location == str(project.root.resolve() / "mlruns")
+    parents = client.search_runs([experiment.experiment_id], "tags.`kdpipe.run_kind` = 'pipeline'",
+                                 order_by=["attributes.start_time ASC"])
+    assert [p.info.run_name for p in parents] == [f"workspace @ {r['rev_before_repro'][:7]}", EXP_NAME]
+    assert all(p.info.status == "FINISHED" for p in parents)
+    n = len([s for s in ALL_STAGES if s != "kd_settings"])  # runs of the first repro
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs[:n]} == {parents[0].info.run_id}
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs[n:]} == {parents[1].info.run_id}
+    # each model's own training run carries its test accuracy (the exp re-trained distill@logit only)
+    first = {run.info.run_name: run.data.metrics for run in runs[:n]}
+    exp = {run.info.run_name: run.data.metrics for run in runs[n:]}
+    assert first["train_teacher"]["test_accuracy"] == pytest.approx(r["evaluation"]["teacher"]["test_accuracy"])
+    assert first["train_student"]["test_accuracy"] == pytest.approx(r["evaluation"]["baseline"]["test_accuracy"])
+    assert first["distill@logit"]["test_accuracy"] == pytest.approx(r["evaluation"]["distilled_logit"]["test_accuracy"])
+    distilled = r["exp_evaluation"]["distilled_logit"]
+    assert exp["distill@logit"]["test_accuracy"] == pytest.approx(distilled["test_accuracy"])
+    assert exp["distill@logit"]["accuracy_diff_vs_baseline"] == pytest.approx(distilled["accuracy_diff_vs_baseline"])
 
 
 def test_mlflow_tags(project, mlflow_runs):

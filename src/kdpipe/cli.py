@@ -4,6 +4,7 @@
     kdpipe sweep-report [--out reports/sweep] [--method logit] [--input exp_show.json]
     kdpipe replicate --seeds N [--first 1] [--jobs 1]
     kdpipe replicate-report [--out reports/replicates] [--input exp_show.json]
+    kdpipe ui-url [--port 5000]
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def _replicate_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui_url(args: argparse.Namespace) -> int:
+    from kdpipe.config import load_params
+    from kdpipe.tracking import experiment_url
+
+    print(experiment_url(load_params(args.params), f"http://{args.host}:{args.port}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="kdpipe: knowledge-distillation pipeline helpers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep_report.add_argument("--input", help="a saved 'dvc exp show --json' output instead of running dvc")
     rep_report.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
     rep_report.set_defaults(func=_replicate_report)
+
+    ui = sub.add_parser(
+        "ui-url", help="the MLflow UI address of the experiment's runs table",
+        description="Print the address that opens mlflow.experiment on its runs table (MLflow 3's UI opens "
+                    "an experiment in its GenAI view unless the address asks for workflowType=machine_learning "
+                    "or the sidebar switch was set to Machine learning in that browser).")
+    ui.add_argument("--host", default="127.0.0.1", help="host the UI listens on (default: 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port the UI listens on (default: 5000)")
+    ui.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    ui.set_defaults(func=_ui_url)
     return parser
 
 

@@ -200,10 +200,14 @@ class MlflowConfig(Settings):
     enabled: bool = True
     experiment: str = "kdpipe"
     log_models: bool = True
+    artifact_location: str = "mlruns"
 
     def check(self, key: str) -> None:
         if not self.experiment.strip():
             fail(f"{key}.experiment", self.experiment, "a non-empty name")
+        if not self.artifact_location.strip():
+            fail(f"{key}.artifact_location", self.artifact_location,
+                 "a folder relative to the project root, an absolute path or a URI")
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,7 @@ def evaluate_all(params: Params) -> dict[str, dict[str, Any]]:
             run.log_metrics(mlflow_metrics(name, {**metrics, **timing["models"][name]}))
         run.log_artifact(paths.METRICS_DIR / "evaluation.json")
         run.log_artifact(paths.timing_path("evaluate"))
+        run.log_model_results(results)  # each model's test accuracy, also on the run that trained it
     return results
 
 
