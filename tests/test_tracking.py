@@ -4,8 +4,10 @@ training run, the "Machine learning" experiment kind and artifacts that stay ins
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -418,3 +420,85 @@ def test_a_changed_artifact_location_is_reported_in_one_sentence(tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "set a new mlflow.experiment name" in err and str(root / "elsewhere") in err
     assert client_for(root).get_experiment_by_name("kdpipe").artifact_location == str(root / "mlruns")
+
+
+# ------------------------------------------------------------------ tracking never costs a training
+
+
+def test_an_unreachable_server_is_one_warning_within_seconds_or_one_sentence_when_required(tmp_repo, monkeypatch,
+                                                                                              capsys):
+    import time
+
+    from kdpipe.errors import KdpipeError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.monotonic()
+    with stage_run("evaluate", parse_params({})) as run:
+        assert not run.enabled
+        run.log_metrics({"a": 1.0})
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert "warning: the MLflow tracking store http://127.0.0.1:9 cannot be used (no answer within 5s" in err
+    assert "this stage runs without tracking" in err and "Traceback" not in err
+    with pytest.raises(KdpipeError, match=r"the MLflow tracking store http://127.0.0.1:9 cannot be used .*"
+                                          r"mlflow.required: false"):
+        with stage_run("evaluate", parse_params({"mlflow": {"required": True}})):
+            pass
+
+
+def test_a_read_only_or_missing_local_store_is_found_before_the_stage_starts(tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    assert tracking.unreachable(f"sqlite:///{db}") is None  # a new store in a writable folder
+    assert tracking.unreachable(f"sqlite:///{tmp_path}/gone/mlflow.db") == f"{tmp_path}/gone is not a writable folder"
+    db.write_bytes(b"")
+    # permissions as an ordinary user sees them (root may write anything, so simulate the answer)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != db)
+    assert tracking.unreachable(f"sqlite:///{db}") == f"{db} is read-only"
+
+
+def test_a_store_failing_mid_training_costs_one_warning_and_the_stage_goes_on(tmp_repo, monkeypatch, capsys):
+    root, _ = tmp_repo
+    in_dvc_process(monkeypatch, 401)
+    epochs_logged = []
+    with stage_run("train_student", parse_params({})) as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+        epochs_logged.append(1)
+        monkeypatch.setattr(run._mlflow, "log_metrics", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        for epoch in (2, 3, 4):
+            run.log_metrics({"loss": 1.0 / epoch}, step=epoch)  # the training goes on
+            epochs_logged.append(epoch)
+        assert not run.enabled
+    assert epochs_logged == [1, 2, 3, 4]
+    err = capsys.readouterr().err
+    assert err.count("warning: MLflow failed while logging metrics (disk full)") == 1
+
+
+def test_a_stage_killed_by_sigkill_leaves_a_running_run_that_the_next_stage_ends(tmp_repo, monkeypatch):
+    root, _ = tmp_repo
+    in_dvc_process(monkeypatch, 501)
+    script = ("import os, signal; from kdpipe.config import parse_params; from kdpipe.tracking import stage_run\n"
+              "with stage_run('train_teacher', parse_params({})):\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    subprocess.run([sys.executable, "-c", script], cwd=root, env=env, check=False, timeout=120)
+    _, children = runs_of(root)
+    client = client_for(root)
+    (killed,) = [r for r in client.search_runs([client.get_experiment_by_name("kdpipe").experiment_id])
+                 if r.info.run_name == "train_teacher"]
+    assert killed.info.status == "RUNNING"
+    run_stage("train_student")  # the next stage notices the dead process
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+
+
+def test_sigterm_and_ctrl_c_end_the_run_as_killed(tmp_repo, monkeypatch):
+    from kdpipe.stage import Terminated
+
+    root, _ = tmp_repo
+    in_dvc_process(monkeypatch, 601)
+    for stop in (Terminated, KeyboardInterrupt):
+        with pytest.raises(stop):
+            with stage_run("train_teacher", parse_params({})):
+                raise stop
+    client = client_for(root)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("kdpipe").experiment_id])
+            if r.info.run_name == "train_teacher"]
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED"]

@@ -201,6 +201,7 @@ class MlflowConfig(Settings):
     experiment: str = "kdpipe"
     log_models: bool = True
     artifact_location: str = "mlruns"
+    required: bool = False  # False: an unreachable or failing tracking store costs a warning, never a training
 
     def check(self, key: str) -> None:
         if not self.experiment.strip():

@@ -42,6 +42,8 @@ from urllib.parse import unquote, urlsplit
 
 from kdpipe import paths
 from kdpipe.config import Params, flatten
+from kdpipe.errors import KdpipeError
+from kdpipe.io import file_digest
 from kdpipe.redact import redact
 
 PROJECT_ROOT_ENV = "KDPIPE_ROOT"
@@ -51,6 +53,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 PARENT_TAG = "mlflow.parentRunId"
 EXECUTION_TAG = "kdpipe.execution"
+PID_TAG = "kdpipe.pid"  # on a stage run: its process, so a run left RUNNING by a SIGKILL can be ended
 RUN_KIND_TAG = "kdpipe.run_kind"  # "pipeline" on parent runs, "stage" on stage runs
 MODEL_DIGEST_TAG = "kdpipe.model_sha256"  # on a training run: the sha256 of the model file it wrote
 ROOT_TAG = "kdpipe.project_root"  # on the experiment: the project root its artifact locations are under
@@ -377,19 +380,17 @@ def training_run_name(model: str) -> str:
 
 
 def _file_digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------- stage runs
 
 class StageRun:
-    """The handle a stage logs through; every call is a no-op when MLflow is disabled."""
+    """The handle a stage logs through; every call is a no-op when MLflow is disabled.
+
+    Tracking never costs a training: the first failing call (a store that became unwritable, a
+    server that went away) prints one warning and turns the handle off; the stage goes on and
+    writes its outputs. With ``mlflow.required: true`` the failure stops the stage instead."""
 
     def __init__(self, mlflow_module: Any | None, params: Params | None = None) -> None:
         self._mlflow = mlflow_module
@@ -399,21 +400,33 @@ class StageRun:
     def enabled(self) -> bool:
         return self._mlflow is not None
 
+    def _safely(self, what: str, call: Any) -> Any:
+        if self._mlflow is None:
+            return None
+        try:
+            return call()
+        except Exception as exc:
+            if self._params is not None and self._params.mlflow.required:
+                raise KdpipeError(f"MLflow failed while {what} ({_short(exc)}) and mlflow.required is true; fix "
+                                  f"the tracking store {redact(default_tracking_uri())} or set mlflow.required: "
+                                  "false.") from None
+            warn(f"MLflow failed while {what} ({_short(exc)}); this stage goes on without tracking")
+            self._mlflow = None
+            return None
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self._mlflow is not None:
-            clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            self._mlflow.log_metrics(clean, step=step)
+        clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._safely("logging metrics", lambda: self._mlflow.log_metrics(clean, step=step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self._mlflow is not None and Path(path).exists():
-            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        if Path(path).exists():
+            self._safely(f"logging {path}", lambda: self._mlflow.log_artifact(str(path), artifact_path=artifact_path))
 
     def log_model(self, model: Any, input_example: Any, name: str = "model") -> None:
         """Log a torch model with an input example; pinned requirements avoid a slow
         dependency inference."""
         if self._mlflow is None:
             return
-        import mlflow.pytorch
         import numpy as np
         import torch
 
@@ -423,49 +436,131 @@ class StageRun:
             # model would then refuse any batch but one image. Two images keep it dynamic.
             example = np.concatenate([example, example])
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mlflow.pytorch.log_model(
-                model, name=name, input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
+        def log() -> None:
+            import mlflow.pytorch
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mlflow.pytorch.log_model(model, name=name, input_example=example,
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+        self._safely("logging the model", log)
 
     def log_model_results(self, results: dict[str, dict[str, Any]]) -> dict[str, str]:
         """:func:`log_model_results` with this stage's params."""
-        if self._mlflow is None or self._params is None:
+        if self._params is None:
             return {}
-        return log_model_results(self._params, results)
+        return self._safely("logging test accuracies", lambda: log_model_results(self._params, results)) or {}
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return redact(text[:160])
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why the tracking store at ``uri`` cannot be used (one phrase), or None. Takes at most
+    ``timeout_s``: an http(s) server must answer, a local store must be writable."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            return None  # it answered: reachable
+        except (OSError, ValueError) as exc:
+            return f"no answer within {timeout_s:g}s ({_short(getattr(exc, 'reason', exc))})"
+        return None
+    if parts.scheme == "sqlite":
+        db = Path(unquote(parts.path[1:] if parts.path.startswith("//") else parts.path))
+        folder = db.parent
+        if db.exists() and not os.access(db, os.W_OK):
+            return f"{db} is read-only"
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            return f"{folder} is not a writable folder"
+    return None
+
+
+def _stale_runs_killed(client: Any, experiment_id: str) -> None:
+    """Mark KILLED the stage runs still RUNNING whose process is gone (a SIGKILL)."""
+    import psutil
+
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200):
+        pid = run.data.tags.get(PID_TAG)
+        if pid and pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, method: str | None = None) -> Iterator[StageRun]:
     """Open this stage execution's MLflow run, nested under its pipeline execution's parent run
-    (found or created), or a disabled handle."""
+    (found or created), or a disabled handle: MLflow off, or its store unusable and not
+    ``mlflow.required`` (one warning)."""
     if not params.mlflow.enabled:
         yield StageRun(None)
         return
-    mlflow, client, experiment_id, root = _setup(params)
-    execution = current_execution(params, root)
-    run_name = f"{stage}@{method}" if method else stage
-    parent_id = find_parent(client, experiment_id, execution, run_name) or create_parent(
-        client, experiment_id, execution, params)
-    tags = {**_run_tags(params, execution, stage, method), RUN_KIND_TAG: "stage"}
-    failed = True
+    opened = _open_stage_run(stage, params, method)
+    if opened is None:
+        yield StageRun(None)
+        return
+    mlflow, client, parent_id = opened
+    status = "FAILED"
     try:
-        with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags,
-                              parent_run_id=parent_id) as active:
-            mlflow.log_params(_params(params))
-            yield StageRun(mlflow, params)
-            model = model_of_stage(stage, method)
-            digest = _file_digest(paths.model_path(model)) if model else None
-            if digest:
-                client.set_tag(active.info.run_id, MODEL_DIGEST_TAG, digest)
-        failed = False
+        yield StageRun(mlflow, params)
+        status = "FINISHED"
+    except (KeyboardInterrupt, Exception) as exc:
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        raise
+    except BaseException:  # SIGTERM (kdpipe.stage.Terminated)
+        status = "KILLED"
+        raise
     finally:
-        try:
-            _touch_parent(client, parent_id, failed)
-        except Exception as exc:  # never hide the stage's own outcome behind a bookkeeping error
-            warnings.warn(f"could not update MLflow parent run {parent_id}: {exc}", stacklevel=2)
+        _close_stage_run(mlflow, client, parent_id, stage, method, status)
+
+
+def _open_stage_run(stage: str, params: Params, method: str | None) -> tuple[Any, Any, str] | None:
+    uri = default_tracking_uri()
+    problem = unreachable(uri)
+    try:
+        if problem is None:
+            mlflow, client, experiment_id, root = _setup(params)
+            _stale_runs_killed(client, experiment_id)
+            execution = current_execution(params, root)
+            run_name = f"{stage}@{method}" if method else stage
+            parent_id = find_parent(client, experiment_id, execution, run_name) or create_parent(
+                client, experiment_id, execution, params)
+            tags = {**_run_tags(params, execution, stage, method), RUN_KIND_TAG: "stage", PID_TAG: str(os.getpid())}
+            mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags, parent_run_id=parent_id)
+            mlflow.log_params(_params(params))
+            return mlflow, client, parent_id
+    except Exception as exc:
+        problem = _short(exc)
+    if params.mlflow.required:
+        raise KdpipeError(f"the MLflow tracking store {redact(uri)} cannot be used ({problem}); start or fix it, "
+                          "or set mlflow.required: false to run without it.")
+    warn(f"the MLflow tracking store {redact(uri)} cannot be used ({problem}); this stage runs without "
+         "tracking (mlflow.required: false)")
+    return None
+
+
+def _close_stage_run(mlflow: Any, client: Any, parent_id: str, stage: str, method: str | None, status: str) -> None:
+    """End the stage run and update its parent; a failure here is a warning, never the stage's."""
+    try:
+        active = mlflow.active_run()
+        model = model_of_stage(stage, method)
+        digest = _file_digest(paths.model_path(model)) if model and status == "FINISHED" else None
+        if active is not None and digest:
+            client.set_tag(active.info.run_id, MODEL_DIGEST_TAG, digest)
+        mlflow.end_run(status)
+        _touch_parent(client, parent_id, status != "FINISHED")
+    except Exception as exc:
+        warn(f"could not close the MLflow run of {stage} ({_short(exc)})")
 
 
 def _result_metrics(result: dict[str, Any]) -> dict[str, float]:
