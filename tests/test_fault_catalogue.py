@@ -179,6 +179,7 @@ class Case:
     message: str  # a substring of stderr ("" for none)
     unchanged: tuple[str, ...] = ()  # outputs that must keep their bytes (nothing half-written)
     lock_is_others: bool = False  # the fault is another stage holding the workspace: its lock stays
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the stage
 
 
 CASES = [
@@ -268,6 +269,18 @@ CASES = [
          "is running in this workspace", ("models/baseline.pt",), lock_is_others=True),
     Case("a stale lock and a killed stage's temp files", stale_lock_and_leftovers, "kd_settings", 0,
          "removed 2 temporary file(s) left by an interrupted stage"),
+    # -- tracking never costs a training
+    Case("unreachable tracking server", param("mlflow.enabled", True), "kd_settings", 0, "", env=(
+        ("MLFLOW_TRACKING_URI", "http://127.0.0.1:9"),)),
+    Case("unreachable tracking server, evaluate",
+         lambda root: set_params(root / "params.yaml", {"mlflow.enabled": True, "kd.methods": ["logit"],
+                                                        "kd.multi_teacher.teachers": []}), "evaluate", 0,
+         "warning: the MLflow tracking store http://127.0.0.1:9 cannot be used (no answer within 5s",
+         env=(("MLFLOW_TRACKING_URI", "http://127.0.0.1:9"),)),
+    Case("unreachable tracking server with mlflow.required",
+         lambda root: set_params(root / "params.yaml", {"mlflow.enabled": True, "mlflow.required": True}),
+         "evaluate", 2, "error: the MLflow tracking store http://127.0.0.1:9 cannot be used",
+         ("metrics/evaluation.json",), env=(("MLFLOW_TRACKING_URI", "http://127.0.0.1:9"),)),
     # -- checkpoints that must not be resumed
     Case("a checkpoint of another run", foreign_checkpoint, "train_student", 0,
          "made for other params, code or inputs; training starts from epoch 1"),
@@ -277,11 +290,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_fault(golden, tmp_path, case: Case):
+def test_fault(golden, tmp_path, monkeypatch, case: Case):
     root = tmp_path / "project"
     shutil.copytree(golden, root, symlinks=True)
     case.fault(root)
     before = {rel: digest(root / rel) for rel in case.unchanged}
+    for key, value in case.env:
+        monkeypatch.setenv(key, value)
     code, err = run_stage(root, case.stage)
     assert code == case.code, err[-3000:]
     assert case.message in err, err[-3000:]
