@@ -80,6 +80,12 @@ def _ui_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exp_show_source(sub: argparse.ArgumentParser) -> None:
+    """--input and --repo: where a subcommand reads ``dvc exp show --json`` from."""
+    sub.add_argument("--input", help="a saved 'dvc exp show --json' output instead of running dvc")
+    sub.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdpipe", description="kdpipe: knowledge-distillation pipeline helpers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read 'dvc exp show --json' (or --input) and print one row per run (the HEAD commit's, then "
                     "its experiments): the params that differ between them and each model's test accuracy with "
                     "its change against the HEAD run. Timings are left out (metrics/timing/).")
-    cmp.add_argument("--input", help="a saved 'dvc exp show --json' output instead of running dvc")
-    cmp.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
+    _exp_show_source(cmp)
     cmp.set_defaults(func=_compare)
 
     sweep = sub.add_parser(
@@ -99,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(metrics/evaluation.json) and a table sorted best first.")
     sweep.add_argument("--out", default="reports/sweep", help="output folder (default: reports/sweep)")
     sweep.add_argument("--method", default="logit", help="which distilled_<method> to show (default: logit)")
-    sweep.add_argument("--input", help="a saved 'dvc exp show --json' output instead of running dvc")
-    sweep.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
+    _exp_show_source(sweep)
     sweep.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD")
     sweep.set_defaults(func=_sweep_report)
 
@@ -123,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "per model (mean ± std over seeds) and every distilled model's paired difference against the "
                     "baseline (mean, 95% t-interval, wins).")
     rep_report.add_argument("--out", default="reports/replicates", help="output folder (default: reports/replicates)")
-    rep_report.add_argument("--input", help="a saved 'dvc exp show --json' output instead of running dvc")
-    rep_report.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
+    _exp_show_source(rep_report)
     rep_report.set_defaults(func=_replicate_report)
 
     ui = sub.add_parser(
