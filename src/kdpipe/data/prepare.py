@@ -76,16 +76,24 @@ def stratified_split(
 
 
 def split_dataset(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Split]:
-    """Train/val/test splits; an official test split is kept as the test split."""
+    """Train/val/test splits: a split the source gives (an official test split, a user's val/
+    folder) is kept; the missing ones are drawn from ``train``, class by class."""
     images, labels = raw.train_images, raw.train_labels
-    if raw.test_images is not None and raw.test_labels is not None:
+    has_test = raw.test_images is not None and raw.test_labels is not None
+    has_val = raw.val_images is not None and raw.val_labels is not None
+    if has_test and has_val:
+        splits = {"test": Split(raw.test_images, raw.test_labels), "val": Split(raw.val_images, raw.val_labels)}
+        train_idx = torch.arange(len(labels))
+    elif has_test:
         val_idx, train_idx = stratified_split(labels, [val_fraction], seed)
-        splits = {"test": Split(raw.test_images, raw.test_labels)}
+        splits = {"test": Split(raw.test_images, raw.test_labels), "val": Split(images[val_idx], labels[val_idx])}
+    elif has_val:
+        test_idx, train_idx = stratified_split(labels, [test_fraction], seed)
+        splits = {"test": Split(images[test_idx], labels[test_idx]), "val": Split(raw.val_images, raw.val_labels)}
     else:
         test_idx, val_idx, train_idx = stratified_split(labels, [test_fraction, val_fraction], seed)
-        splits = {"test": Split(images[test_idx], labels[test_idx])}
+        splits = {"test": Split(images[test_idx], labels[test_idx]), "val": Split(images[val_idx], labels[val_idx])}
     splits["train"] = Split(images[train_idx], labels[train_idx])
-    splits["val"] = Split(images[val_idx], labels[val_idx])
     for name in SPLITS:
         if len(splits[name]) == 0:
             raise KdpipeError(
