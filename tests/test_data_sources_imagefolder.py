@@ -238,7 +238,7 @@ def one_sentence(message: str) -> bool:
 
 @pytest.mark.parametrize("build, match", [
     (lambda f: (make_shapes_folder(f, per_class=2), write(f / "bird" / ".DS_Store", b"x")),
-     r"class 'bird' has no training images in .*hidden and empty files do not count.*data.imagefolder.classes"),
+     r"class 'bird' has no training images in .*hidden, empty and missing files do not count.*data.imagefolder.classes"),
     (lambda f: make_shapes_folder(f, per_class=2) and [p.unlink() for p in (f / "square").iterdir()],
      r"class 'square' has no training images"),
     (lambda f: write(f / "cat" / "x.png", encode(colour(1), "PNG")), r"has only 'cat' as classes; a classifier needs"),

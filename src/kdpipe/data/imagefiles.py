@@ -77,8 +77,8 @@ def check_classes(listing: Listing, where: str, hint: str) -> None:
     counts = Counter(e.label for e in listing.entries if e.split == "train")
     empty = [name for name in listing.classes if counts[name] == 0]
     if empty:
-        raise KdpipeError(f"class {empty[0]!r} has no training images in {where} (hidden and empty files do not "
-                          f"count); add some, or {hint}.")
+        raise KdpipeError(f"class {empty[0]!r} has no training images in {where} (hidden, empty and missing files do "
+                          f"not count); add some, or {hint}.")
 
 
 def write_manifest(raw_dir: Path, listing: Listing, origin: str) -> dict[str, Any]:
