@@ -60,8 +60,9 @@ def test_missing_hidden_and_empty_files_are_skipped_and_named(tmp_path, shapes):
     info, raw = listed(tmp_path, csv_path)
     assert info["files"] == 7 and info["skipped_files"] == 4  # notes.txt is only found out when decoding
     assert len(raw.train_labels) == 6 and raw.skipped == 5
-    assert raw.skipped_examples == ["images (not a file)", "images/.hidden.png (hidden)", "images/circle/gone.png (missing)",
-                                    "images/empty.png (empty)", "images/notes.txt (not an image)"]
+    assert raw.skipped_examples == ["images (not a file)", "images/.hidden.png (hidden)",
+                                    "images/circle/gone.png (missing)", "images/empty.png (empty)",
+                                    "images/notes.txt (not an image)"]
 
 
 def test_split_column_is_kept_and_a_missing_split_is_drawn(tmp_path, shapes):
@@ -73,7 +74,8 @@ def test_split_column_is_kept_and_a_missing_split_is_drawn(tmp_path, shapes):
     assert (len(raw.train_labels), len(raw.val_labels), len(raw.test_labels)) == (6, 3, 3)
     splits = split_dataset(raw, 0.15, 0.15, seed=0)
     assert torch.equal(splits["test"].images, raw.test_images) and torch.equal(splits["val"].images, raw.val_images)
-    rows = ["path,label,split"] + [f"images/{s}/0{i}.png,{s},{'val' if i == 0 else ''}" for s in SHAPES for i in range(4)]
+    rows = ["path,label,split"] + [f"images/{s}/0{i}.png,{s},{'val' if i == 0 else ''}"
+                                   for s in SHAPES for i in range(4)]
     _, raw = listed(tmp_path, write_csv(shapes.parent / "val_only.csv", *rows))
     assert len(raw.val_labels) == 3 and raw.test_images is None  # test: drawn from the 9 training rows
     assert torch.bincount(split_dataset(raw, 0.15, 1 / 3, seed=0)["test"].labels).tolist() == [1, 1, 1]
@@ -108,7 +110,8 @@ def test_integer_labels_sort_as_numbers_and_classes_restricts(tmp_path, shapes):
     (["path,label", "C:\\photos\\a.jpg,circle"], r"line 2: the path 'C:\\\\photos\\\\a.jpg' is absolute"),
     (["path,label,split", "images/circle/00.png,circle,train", "images/square/00.png,square,validation"],
      r"labels.csv line 3: split 'validation' is not allowed; use train, val or test \(empty means train\)."),
-    (["file,class", "images/circle/00.png,circle"], r"has no 'path' column \(its header is file,class\); the first row"),
+    (["file,class", "images/circle/00.png,circle"],
+     r"has no 'path' column \(its header is file,class\); the first row"),
     (["path", "images/circle/00.png"], r"has no 'label' column"),
     (["path,label"], r"lists no images; add one row per image"),
     (["path,label", "images/circle/00.png,"], r"line 2: the path and the label must not be empty."),

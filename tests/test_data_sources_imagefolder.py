@@ -159,7 +159,8 @@ def test_transparent_pixels_become_white_and_16_bit_is_scaled():
     assert decode_image(encode(rgba, "PNG"), 8, "crop").tolist() == np.full((3, 8, 8), 255).tolist()
     deep = Image.fromarray(np.array([[0, 257 * 100, 65535, 257 * 7]], dtype=np.uint16))
     assert decode_image(encode(deep, "PNG"), 4, "stretch")[0, 0, 0] == 0
-    assert decode_image(encode(Image.fromarray(np.full((4, 4), 257 * 100, dtype=np.uint16)), "PNG"), 4, "crop").max() == 100
+    flat = Image.fromarray(np.full((4, 4), 257 * 100, dtype=np.uint16))
+    assert decode_image(encode(flat, "PNG"), 4, "crop").max() == 100
 
 
 def test_exif_orientation_is_applied():
@@ -238,7 +239,8 @@ def one_sentence(message: str) -> bool:
 
 @pytest.mark.parametrize("build, match", [
     (lambda f: (make_shapes_folder(f, per_class=2), write(f / "bird" / ".DS_Store", b"x")),
-     r"class 'bird' has no training images in .*hidden, empty and missing files do not count.*data.imagefolder.classes"),
+     r"class 'bird' has no training images in .*hidden, empty and missing files do not count.*"
+     r"data.imagefolder.classes"),
     (lambda f: make_shapes_folder(f, per_class=2) and [p.unlink() for p in (f / "square").iterdir()],
      r"class 'square' has no training images"),
     (lambda f: write(f / "cat" / "x.png", encode(colour(1), "PNG")), r"has only 'cat' as classes; a classifier needs"),

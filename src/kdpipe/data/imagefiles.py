@@ -84,7 +84,8 @@ def check_classes(listing: Listing, where: str, hint: str) -> None:
 def write_manifest(raw_dir: Path, listing: Listing, origin: str) -> dict[str, Any]:
     """Hash every listed file into ``raw_dir/manifest.json``; return the download stage's summary."""
     files = []
-    entries = sorted(listing.entries, key=lambda e: (SPLIT_NAMES.index(e.split), e.path))  # canonical: row order is no change
+    # a canonical order: reordering the CSV's rows changes nothing downstream
+    entries = sorted(listing.entries, key=lambda e: (SPLIT_NAMES.index(e.split), e.path))
     for entry in tqdm(entries, desc="listing images", unit="file", mininterval=1.0):
         path = listing.root / entry.path
         files.append({"path": entry.path, "label": entry.label, "split": entry.split,
@@ -105,7 +106,7 @@ def read_manifest(raw_dir: Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def _read_checked(path: Path, sha256: str, name: str) -> bytes:
+def _read_checked(path: Path, sha256: str) -> bytes:
     """The file's bytes, provided they are the ones the download stage listed."""
     try:
         data = path.read_bytes()
@@ -113,7 +114,7 @@ def _read_checked(path: Path, sha256: str, name: str) -> bytes:
         data = None
     if data is None or hashlib.sha256(data).hexdigest() != sha256:
         raise KdpipeError(f"{path} changed or disappeared after the download stage listed it; list the images again "
-                          f"with `dvc repro -f -s download`, then run `dvc repro` ({name}).")
+                          "with `dvc repro -f -s download`, then run `dvc repro`.")
     return data
 
 
@@ -124,13 +125,15 @@ def _decode_all(root: Path, files: list[dict], size: int, resize: str, name: str
         if not inside(path, root):
             raise KdpipeError(f"{item['path']} leads outside {root}; run the download stage again.")
         try:
-            return decode_image(_read_checked(path, item["sha256"], name), size, resize)
+            return decode_image(_read_checked(path, item["sha256"]), size, resize)
         except UnreadableImage as exc:
             return str(exc)
 
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+    try:
         yield from tqdm(pool.map(one, files), total=len(files), desc=f"decoding {name}", unit="img", mininterval=1.0)
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, do not decode the rest first
 
 
 def load_images(raw_dir: Path, root: Path, size: int, resize: str, name: str) -> RawDataset:
@@ -156,7 +159,8 @@ def load_images(raw_dir: Path, root: Path, size: int, resize: str, name: str) ->
         kept[i] = True
     skipped.sort()
     if skipped:
-        print(f"skipped {len(skipped)} file(s) that are not readable images, e.g. {skipped[0]}")
+        print(f"skipped {len(skipped)} file(s) that are not usable images (hidden, empty, unreadable), "
+              f"e.g. {skipped[0]}")
     labels = torch.tensor([label_of[f["label"]] for f in files], dtype=torch.int64)
     splits = {s: torch.tensor([f["split"] == s for f in files], dtype=torch.bool) & kept for s in SPLIT_NAMES}
     _check_decoded(labels[splits["train"]], classes, failed, name)
