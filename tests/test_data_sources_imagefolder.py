@@ -54,6 +54,7 @@ MIXED = {
     "palette.png": (lambda: encode(colour(5).convert("P"), "PNG"), True),
     "deep.png": (lambda: encode(grey16(6), "PNG"), True),
     "anim.gif": (lambda: encode(colour(7).convert("P"), "GIF"), True),
+    "camera.jpg": (lambda: encode(colour(10), "MPO", save_all=True, append_images=[colour(11)]), True),  # multi-picture
     "truncated.jpg": (lambda: truncated_jpeg(8), False),
     "notes.txt": (lambda: b"not an image at all\n", False),
     "empty.png": (lambda: b"", False),
@@ -360,4 +361,4 @@ def test_prepare_stage_writes_counts_and_skipped_examples(tmp_path, monkeypatch)
     summary = pipeline.prepare(params)
     assert summary["image_shape"] == [1, 12, 12] and summary["classes"] == 2
     assert summary["skipped_images"] == 7 and len(summary["skipped_examples"]) == 5
-    assert sum(summary[f"{s}_images"] for s in ("train", "val", "test")) == 10
+    assert sum(summary[f"{s}_images"] for s in ("train", "val", "test")) == 11

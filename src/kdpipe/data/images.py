@@ -57,7 +57,7 @@ def stack_chw(images: list[np.ndarray], size: int) -> torch.Tensor:
 
 # The decoders a user's file may reach: the common photo formats. Restricting PIL to them keeps
 # its rarely used parsers (EPS, PSD, ...) away from arbitrary files.
-FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "GIF", "TIFF")  # MPO: multi-picture JPEGs from cameras
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")  # JPEG covers multi-picture (MPO) files
 RESIZE_MODES = ("crop", "pad", "stretch")
 _GREY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 _WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}  # more than 8 bits per pixel
