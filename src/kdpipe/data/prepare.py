@@ -7,6 +7,7 @@ horizontal flip keeps the label). Every later stage reads only this.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,22 @@ def split_dataset(raw: RawDataset, val_fraction: float, test_fraction: float, se
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, in the 0..1 range."""
-    x = images.to(torch.float64).div_(255.0)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+    """Per-channel mean and (sample) std of uint8 images, in the 0..1 range.
+
+    Exact integer sums taken chunk by chunk: a float64 copy of the images would need 8× their
+    memory (1.4 GB for 14,000 training images of 3×64×64), twice over for the std.
+    """
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    totals, squares = [0] * images.shape[1], [0] * images.shape[1]
+    for chunk in images.split(1024):
+        x = chunk.to(torch.int64)
+        for c in range(images.shape[1]):
+            totals[c] += int(x[:, c].sum())
+            squares[c] += int(x[:, c].square().sum())
+    mean = [t / (n * 255) for t in totals]
+    # Python integers: n*Σx² − (Σx)² is exact, so the variance is as exact as one division
+    std = [max(math.sqrt((n * q - t * t) / (n * (n - 1))) / 255, 1e-3) for t, q in zip(totals, squares)]
+    return [round(m, 6) for m in mean], [round(s, 6) for s in std]
 
 
 def class_counts(labels: torch.Tensor, class_names: list[str]) -> dict[str, int]:
