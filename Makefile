@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 help:  ## list the targets
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / { printf "  make %-11s %s\n", $$1, $$2 }' $(firstword $(MAKEFILE_LIST))
 
-repro: setup  ## run the whole DVC pipeline; DATA=cifar10|cifar10-cpu|intel|cats_vs_dogs|digits first writes that preset into params.yaml (put back if the run fails)
+repro: setup  ## run the whole DVC pipeline; DATA=cifar10|cifar10-cpu|intel|cats_vs_dogs|imagefolder|csv|digits first writes that preset into params.yaml (put back if the run fails)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(DATA),$(BIN)/python -m kdpipe.presets $(DATA) --run --) $(BIN)/dvc repro
 
 exp: setup  ## a DVC experiment on DATA's preset (-S flags; params.yaml is left as it is): make exp DATA=cifar10 [ARGS="-S kd.alpha=0.5"]

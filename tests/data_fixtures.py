@@ -186,3 +186,46 @@ def http_server(root: Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# --- your own images: shapes in folders ------------------------------------------------------
+
+SHAPES = ["circle", "square", "triangle"]
+
+
+def shape_image(shape: str, seed: int, size: int = 32) -> Image.Image:
+    """An RGB picture of one shape at a random place, size and colour on a random background."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    background = tuple(int(v) for v in rng.integers(0, 256, 3))
+    image = Image.new("RGB", (size, size), background)
+    colour = tuple(int(255 - v) for v in background)  # always distinct from the background
+    half = int(rng.integers(size // 5, size // 3))
+    cx, cy = (int(v) for v in rng.integers(half, size - half, 2))
+    box = (cx - half, cy - half, cx + half, cy + half)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
+    return image
+
+
+def make_shapes_folder(root: Path, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """``root/<shape>/NN.png``: a small learnable image folder (the shipped examples/shapes)."""
+    for c, shape in enumerate(SHAPES):
+        (root / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape_image(shape, seed * 10_000 + c * 1000 + i, size).save(root / shape / f"{i:02d}.png", optimize=True)
+    return root
+
+
+def write_shapes_csv(path: Path, folder: Path) -> Path:
+    """A CSV (path,label) listing every image of a shapes folder, relative to the CSV's folder."""
+    rows = ["path,label"] + [f"{p.relative_to(path.parent).as_posix()},{p.parent.name}"
+                             for p in sorted(folder.glob("*/*.png"))]
+    path.write_text("\n".join(rows) + "\n")
+    return path

@@ -10,6 +10,7 @@ dvc.yaml declares, so the next new dependency folder fails here with a message t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,19 +27,29 @@ from tests.conftest import PROJECT_ROOT
 # What a DVC run of the project reads, and nothing it writes (data/, models/, metrics/, plots/ and
 # reports/ are outputs, dvc.lock is the record of a run): the code, the stage scripts, the data-set
 # presets, the teachers' folders, the pipeline and its params, the package description, the ignores.
-PROJECT_FILES = ("src", "stages", "conf", "teachers", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore",
-                 ".dvcignore")
+PROJECT_FILES = ("src", "stages", "conf", "teachers", "examples", "dvc.yaml", "params.yaml", "pyproject.toml",
+                 ".gitignore", ".dvcignore")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 # Variables that tie a process to some other DVC run or kdpipe project: the copy must not inherit them.
 RUN_CONTEXT_VARS = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT", "KDPIPE_ROOT")
 GIT_USER, GIT_EMAIL = "kdpipe-test", "test@example.com"
 
 
+def _param(dotted: str) -> Any:
+    """The shipped params.yaml's value at ``dotted`` (e.g. ``data.imagefolder.path``)."""
+    node = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
 def dvc_inputs(dvc_yaml: Path = PROJECT_ROOT / "dvc.yaml") -> set[str]:
-    """Top-level files/folders that dvc.yaml's stages depend on but no stage produces."""
+    """Top-level files/folders that dvc.yaml's stages depend on but no stage produces; a dependency
+    that is all one params value (``${data.imagefolder.path}``) counts with its shipped value."""
     def top(entry: str | Mapping[str, Any]) -> str:
         path = entry if isinstance(entry, str) else next(iter(entry))
-        return Path(path).parts[0]
+        whole = re.fullmatch(r"\$\{([\w.]+)\}", path)
+        return Path(_param(whole.group(1)) if whole else path).parts[0]
 
     deps: set[str] = set()
     outs: set[str] = set()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.data_fixtures import (build_tfds_cats_vs_dogs, http_server, make_cifar_archive, make_intel_zip,
-                                 make_petimages_zip, md5)
+                                 make_petimages_zip, make_shapes_folder, md5, shape_image)
 from tests.dvc_project import make_dvc_project
 
 pytestmark = pytest.mark.e2e
@@ -91,3 +91,32 @@ def test_cats_vs_dogs_from_a_tfds_data_dir(tmp_path):
     assert data["dataset"] == "cats_vs_dogs" and data["classes"] == 2
     assert sum(data[f"{s}_images"] for s in ("train", "val", "test")) == 20
     assert list((project / "data/raw/cats_vs_dogs/cats_vs_dogs").iterdir())[0].name == "4.0.1"
+
+
+def test_own_image_folder_trains_and_a_new_image_re_runs_prepare(tmp_path):
+    # The folder lies outside the project (a DVC dependency by absolute path), with a space in its
+    # name. The run goes up to evaluate: the report stage does not depend on the data source.
+    folder = make_shapes_folder(tmp_path / "my images", per_class=8)
+    (folder / "circle" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "square" / "broken.jpg").write_bytes(b"not a jpeg")
+    project, env = make_dvc_project(tmp_path / "project", {**TINY, "mlflow.enabled": False,
+                                                           "data.imagefolder.path": str(folder)},
+                                    preset="imagefolder", commit=False, env={"PYTHONWARNINGS": "ignore"})
+    _run(["dvc", "repro", "evaluate"], project, env, timeout=600)
+    data = json.loads((project / "metrics/data.json").read_text())
+    assert data["dataset"] == "imagefolder" and data["classes"] == 3 and data["image_shape"] == [3, 8, 8]
+    assert data["skipped_images"] == 2 and data["skipped_examples"] == ["circle/.DS_Store (hidden)",
+                                                                         "square/broken.jpg (not an image)"]
+    assert sum(data[f"{s}_images"] for s in ("train", "val", "test")) == 24
+    evaluation = json.loads((project / "metrics/evaluation.json").read_text())
+    assert set(evaluation) == {"teacher", "baseline", "distilled_logit"}
+    assert "up to date" in _run(["dvc", "status", "evaluate"], project, env).stdout
+
+    shape_image("circle", 1234).save(folder / "circle" / "new.png")
+    status = _run(["dvc", "status", "--with-deps", "prepare"], project, env).stdout
+    assert "check_params" in status and "my images" in status  # the folder is a dependency
+    _run(["dvc", "repro", "prepare"], project, env)
+    data = json.loads((project / "metrics/data.json").read_text())
+    assert sum(data[f"{s}_images"] for s in ("train", "val", "test")) == 25
+    manifest = json.loads((project / "data/raw/imagefolder/manifest.json").read_text())
+    assert "circle/new.png" in [f["path"] for f in manifest["files"]]

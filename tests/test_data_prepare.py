@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdpipe.data.prepare import Split, split_dataset, stratified_split
+from kdpipe.data.prepare import Split, channel_stats, split_dataset, stratified_split
 from kdpipe.data.sources import RawDataset
 from kdpipe.errors import KdpipeError
 from tests.data_fixtures import sklearn_digits
@@ -52,3 +52,19 @@ def test_split_dataset_refuses_an_empty_split():
     raw = RawDataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1, 2]), list("abc"), flip=False)
     with pytest.raises(KdpipeError, match="split is empty"):
         split_dataset(raw, 0.1, 0.1, seed=0)
+
+
+def _float64_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """The statistics as they used to be computed: a float64 copy of every image."""
+    x = images.to(torch.float64).div_(255.0)
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+def test_channel_stats_in_chunks_equal_the_float64_statistics():
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.zeros(5, 3, 4, 4, dtype=torch.uint8), torch.full((3, 1, 2, 2), 255, dtype=torch.uint8)]
+    cases += [torch.randint(0, top + 1, (n, c, 8, 8), generator=gen, dtype=torch.uint8)
+              for n, c, top in [(2, 1, 1), (1500, 3, 255), (2500, 1, 16), (3000, 3, 200)]]  # > 1 chunk of 1024
+    for images in cases:
+        assert channel_stats(images) == _float64_stats(images)

@@ -19,7 +19,7 @@ def test_every_source_lives_in_its_own_module_file():
     stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
     for stage in ("download", "prepare"):
         assert DVC_DEP in stages[stage]["deps"], stage
-    assert set(SOURCES.names()) == {"digits", "cifar10", "intel", "cats_vs_dogs"}
+    assert set(SOURCES.names()) == {"digits", "cifar10", "intel", "cats_vs_dogs", "imagefolder", "csv"}
     for plugin in SOURCES:
         assert plugin.module == f"kdpipe.data.sources.{plugin.name}"
         assert plugin.file == f"src/kdpipe/data/sources/{plugin.name}.py"
@@ -46,7 +46,7 @@ def test_exp_run_with_only_the_name_stays_meaningful():
     sizes = {}
     for name in SOURCES.names():
         sizes[name] = image_size(params.data, SOURCES.get(name).factory)
-    assert sizes == {"digits": 8, "cifar10": 32, "intel": 64, "cats_vs_dogs": 64}
+    assert sizes == {"digits": 8, "cifar10": 32, "intel": 64, "cats_vs_dogs": 64, "imagefolder": 64, "csv": 64}
     assert params.data.augment.flip  # flipped where the source allows it (not digits)
     sized = parse_params({"data": {"image_size": 20}})  # a size in params.yaml wins
     assert {image_size(sized.data, plugin.factory) for plugin in SOURCES} == {20}

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("data.name=mnist", "data.name='mnist' is not allowed; expected one of cats_vs_dogs, cifar10, digits, intel."),
+    ("data.name=mnist", "data.name='mnist' is not allowed; expected one of cats_vs_dogs, cifar10, csv, digits, "
+                        "imagefolder, intel."),
     ("kd.temperature=1e-30", "kd.temperature=1e-30 is not allowed; expected a number in [0.5, 50.0]"),
 ])
 def test_a_bad_param_stops_first_with_one_sentence_and_saves_no_experiment(tmp_path, flag, message):

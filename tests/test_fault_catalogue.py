@@ -185,7 +185,7 @@ class Case:
 CASES = [
     # -- params: check_params stops them before anything runs (exit 2, kdpipe's sentence)
     Case("unknown data set", param("data.name", "mnist"), "check_params", 2,
-         "data.name='mnist' is not allowed; expected one of cats_vs_dogs, cifar10, digits, intel."),
+         "data.name='mnist' is not allowed; expected one of cats_vs_dogs, cifar10, csv, digits, imagefolder, intel."),
     Case("temperature that zeroes the KD term", param("kd.temperature", 1e-30), "check_params", 2,
          "kd.temperature=1e-30 is not allowed"),
     Case("temperature that makes every output uniform", param("kd.temperature", 1000), "check_params", 2,

@@ -50,6 +50,8 @@ class _DataChecks(Settings):
         SOURCES.get(self.name, f"{key}.name")  # an unknown name lists the registered sources
         if self.image_size is not None and not 4 <= self.image_size <= 512:
             fail(f"{key}.image_size", self.image_size, "null (the data set's default) or an integer between 4 and 512")
+        if self.channels not in (None, 1, 3):
+            fail(f"{key}.channels", self.channels, "null (the data set's own), 1 (greyscale) or 3 (RGB)")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
@@ -72,6 +74,7 @@ def _sections(plugins) -> list[tuple[str, type, Any]]:
 DataConfig = dataclasses.make_dataclass("DataConfig", [
     ("name", str, field(default="digits")),
     ("image_size", Optional[int], field(default=None)),  # None: the source's default size
+    ("channels", Optional[int], field(default=None)),  # None: the source's own (1 for digits, 3 for photos)
     ("val_fraction", float, field(default=0.15)),
     ("test_fraction", float, field(default=0.15)),
     ("augment", AugmentConfig, field(default_factory=AugmentConfig)),

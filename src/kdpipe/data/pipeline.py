@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from typing import Any
 
 from kdpipe import paths
 from kdpipe.config import Params
+from kdpipe.data.images import to_channels
 from kdpipe.data.prepare import SPLITS, class_counts, save_prepared, split_dataset
-from kdpipe.data.sources import SOURCES, image_size
+from kdpipe.data.sources import SOURCES, RawDataset, image_size
 from kdpipe.io import write_json
 
 
@@ -31,10 +33,32 @@ def download(params: Params) -> dict[str, Any]:
     return info
 
 
+def data_source(params: Params) -> dict[str, Any]:
+    """What check_params writes to data/data_source.json: the data set's name and, for a source
+    that reads the user's own files, their fingerprint, so that a changed folder re-runs download."""
+    from kdpipe.data.imagefiles import fingerprint
+
+    source = SOURCES.get(params.data.name).factory
+    info: dict[str, Any] = {"name": params.data.name}
+    if source.local_input is not None:
+        info["input"] = fingerprint(source.local_input(params.data.source), f"data.{params.data.name}.path")
+    return info
+
+
+def with_channels(raw: RawDataset, channels: int | None) -> RawDataset:
+    """``raw`` with every split converted to ``data.channels`` (null: as the source gives it)."""
+    if channels is None:
+        return raw
+    convert = {name: to_channels(getattr(raw, name), channels) for name in ("train_images", "val_images", "test_images")
+               if getattr(raw, name) is not None}
+    return dataclasses.replace(raw, **convert)
+
+
 def prepare(params: Params) -> dict[str, Any]:
     """Read the raw data, split it and write data/prepared/ plus metrics/data.json."""
     source = SOURCES.get(params.data.name).factory
     raw = source.load(raw_dir(params), params.data.source, image_size(params.data, source))
+    raw = with_channels(raw, params.data.channels)
     splits = split_dataset(raw, params.data.val_fraction, params.data.test_fraction, params.seed)
     meta = save_prepared(paths.PREPARED_DIR, splits, raw, params.data.name)
     summary = {
@@ -42,6 +66,7 @@ def prepare(params: Params) -> dict[str, Any]:
         "classes": len(raw.class_names),
         "image_shape": [meta["channels"], meta["image_size"], meta["image_size"]],
         "skipped_images": raw.skipped,
+        "skipped_examples": raw.skipped_examples,  # the first few, with the reason
         **{f"{name}_images": len(splits[name]) for name in SPLITS},
         "per_class": {name: class_counts(splits[name].labels, raw.class_names) for name in SPLITS},
     }

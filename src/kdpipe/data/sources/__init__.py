@@ -9,7 +9,7 @@ after that (splitting, statistics, the on-disk prepared format) is shared: see
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,8 +23,9 @@ class RawDataset:
     """What a source hands to ``prepare``: uint8 N×C×H×W images and int64 labels.
 
     ``test_*`` is the source's official test split, or None when it has none (then
-    ``prepare`` carves one out of ``train``). ``flip`` says whether a horizontal flip keeps
-    an image's label (true for photos, false for digits).
+    ``prepare`` carves one out of ``train``); ``val_*`` likewise for a given validation split.
+    ``flip`` says whether a horizontal flip keeps an image's label (true for photos, false for
+    digits). ``skipped`` counts the files left out; ``skipped_examples`` names the first few.
     """
 
     train_images: torch.Tensor
@@ -34,17 +35,24 @@ class RawDataset:
     test_images: Optional[torch.Tensor] = None
     test_labels: Optional[torch.Tensor] = None
     skipped: int = 0
+    val_images: Optional[torch.Tensor] = None
+    val_labels: Optional[torch.Tensor] = None
+    skipped_examples: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Source:
     """A data source: ``download(raw_dir, settings)`` fetches its raw files into ``raw_dir``;
     ``load(raw_dir, settings, image_size)`` reads them back as a :class:`RawDataset` at
-    ``image_size`` (``default_image_size`` when ``data.image_size`` is null)."""
+    ``image_size`` (``default_image_size`` when ``data.image_size`` is null).
+
+    ``local_input(settings)`` is set by sources that read the user's own files: the file or
+    folder whose changes must re-run ``download`` (``check_params`` fingerprints it)."""
 
     download: Callable[[Path, Any], dict]
     load: Callable[[Path, Any, int], RawDataset]
     default_image_size: int
+    local_input: Optional[Callable[[Any], str]] = None
 
 
 # data.name -> Source. Each module of this package registers one source under its own name;
@@ -52,9 +60,10 @@ class Source:
 SOURCES: Registry[Source] = Registry("data source", "data.name", "kdpipe.data.sources")
 
 
-def register(name: str, settings: type, download: Callable, load: Callable, default_image_size: int) -> Source:
+def register(name: str, settings: type, download: Callable, load: Callable, default_image_size: int,
+             local_input: Optional[Callable[[Any], str]] = None) -> Source:
     """Register the calling module as source ``name`` with ``settings`` its ``data.<name>`` section."""
-    source = Source(download, load, default_image_size)
+    source = Source(download, load, default_image_size, local_input)
     SOURCES.register(name, settings, source, module=download.__module__)
     return source
 
