@@ -496,6 +496,23 @@ def _stale_runs_killed(client: Any, experiment_id: str) -> None:
         if pid and pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
 
+    def log_onnx_model(self, path: str | Path, input_example: Any, name: str) -> None:
+        """Log an ONNX file with MLflow's ONNX flavour: the signature comes from the input
+        example (its batch dimension stays free), the requirements are the pinned runtimes."""
+        if self._mlflow is None:
+            return
+        import mlflow.onnx
+        import numpy as np
+        import onnx
+        import onnxruntime
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.onnx.log_model(
+                onnx.load(str(path)), name=name, input_example=np.asarray(input_example), save_as_external_data=False,
+                pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+            )
+
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, method: str | None = None) -> Iterator[StageRun]:
