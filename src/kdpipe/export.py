@@ -154,6 +154,8 @@ def time_runtimes(loaded: dict[str, nn.Module], files: dict[str, dict[str, Path]
     return {
         "machine": {**machine.describe(threads), "onnxruntime": ort.__version__, **ort_settings,
                     "load_avg_1min_before": load_before, "other_kdpipe_stages_running": len(still_running)},
+        "protocol": {"batch_1_warmup": cfg.latency_warmup, "batch_1_runs": cfg.latency_runs,
+                     "throughput_batch_size": int(batch.shape[0])},
         "models": per_model,
         "best": fastest,
     }
