@@ -122,8 +122,10 @@ def format_prediction(p: Prediction, as_json: bool) -> str:
 
 
 def run_predict(model: str, images: Sequence[str], k: int = 3, as_json: bool = False,
-                out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Classify ``images`` with ``model`` and print the results; 1 when any image failed, else 0."""
+                out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Classify ``images`` with ``model`` and print the results (``out``, ``err``: default
+    stdout and stderr); 1 when any image failed, else 0."""
+    out, err = out or sys.stdout, err or sys.stderr
     if k < 1:
         raise KdpipeError(f"--top-k {k}: expected an integer >= 1.")
     classifier = load_classifier(model)
