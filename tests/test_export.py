@@ -11,19 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe import machine, models, paths
+from kdpipe import machine, models, onnx_export, paths
 from kdpipe.config import parse_params
 from kdpipe.data.loader import Normalizer
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluate import latency_summary, time_forward
-from kdpipe.export import FP32_TOLERANCE, ORT_FP32, ORT_INT8, PYTORCH, check_fp32, export_all, export_model, onnx_files
-from kdpipe.export import time_runtimes
-from kdpipe import onnx_export
+from kdpipe.export import (FP32_TOLERANCE, ORT_FP32, ORT_INT8, PYTORCH, check_fp32, export_all, export_model,
+                           onnx_files, time_runtimes)
+from kdpipe.inference import predict_logits
+from kdpipe.io import save_torch, write_json
 from kdpipe.onnx_export import OPSET, export_onnx, onnx_metadata
 from kdpipe.onnx_runtime import OrtModel, read_metadata, session
 from kdpipe.onnx_runtime import predict_logits as ort_logits
-from kdpipe.inference import predict_logits
-from kdpipe.io import save_torch, write_json
 from kdpipe.quantize import calibration_images, quantize_int8
 from kdpipe.report import deployment_section
 from tests.conftest import make_prepared
@@ -119,7 +118,9 @@ def test_int8_student_loads_runs_and_stays_close_to_float32(toy):
     meta = read_metadata(sess, folder / "student.int8.onnx")
     assert meta["precision"] == "int8" and meta["quantization"]["calibration_images"] == 256
     assert meta["class_names"] == data.meta["class_names"]
-    ops = {n.op_type for n in __import__("onnx").load(str(folder / "student.int8.onnx")).graph.node}
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(folder / "student.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
@@ -227,7 +228,8 @@ def test_the_stage_writes_every_model_and_every_student_in_int8(exported):
                      "teacher.onnx"]
     assert not [p for p in root.rglob(".*.tmp")]  # written atomically, nothing left behind
     for name in ("teacher", "baseline", "distilled_logit"):
-        assert set(onnx_files(name, root / paths.ONNX_DIR)) == ({ORT_FP32} if name == "teacher" else {ORT_FP32, ORT_INT8})
+        expected = {ORT_FP32} if name == "teacher" else {ORT_FP32, ORT_INT8}
+        assert set(onnx_files(name, root / paths.ONNX_DIR)) == expected
 
 
 def test_the_quality_metrics_per_model_and_runtime(exported):

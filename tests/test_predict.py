@@ -116,7 +116,8 @@ def test_the_three_files_of_a_model_agree(model_files, images):
     x = {}
     for kind, path in model_files.items():
         classifier = load_classifier(path)
-        assert classifier.class_names == ["c0", "c1", "c2", "c3"] and (classifier.channels, classifier.image_size) == (1, 8)
+        assert classifier.class_names == ["c0", "c1", "c2", "c3"]
+        assert (classifier.channels, classifier.image_size) == (1, 8)
         pixels = read_image(images["colour.jpg"], classifier.channels, classifier.image_size)
         x[kind] = np.asarray(classifier.logits(classifier.normalize(pixels.unsqueeze(0))))[0]
     np.testing.assert_allclose(x["onnx"], x["pt"], atol=1e-4)

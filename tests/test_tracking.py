@@ -506,6 +506,7 @@ def test_sigterm_and_ctrl_c_end_the_run_as_killed(tmp_repo, monkeypatch):
 
 
 def test_stage_run_logs_an_onnx_model_with_its_signature(tmp_repo):
+    import mlflow
     import mlflow.pyfunc
 
     from kdpipe.onnx_export import export_onnx
@@ -516,7 +517,7 @@ def test_stage_run_logs_an_onnx_model_with_its_signature(tmp_repo):
     export_onnx(model, torch.randn(2, 1, 8, 8), root / "m.onnx", {"model": "baseline"})
     with stage_run("export", params) as run:
         run.log_onnx_model(root / "m.onnx", np.zeros((2, 1, 8, 8), dtype=np.float32), name="baseline_fp32")
-        run_id = __import__("mlflow").active_run().info.run_id
+        run_id = mlflow.active_run().info.run_id
 
     logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/baseline_fp32")
     (spec,) = logged.metadata.get_input_schema().inputs

@@ -732,8 +732,8 @@ def deployment_section(export_quality: dict[str, dict[str, Any]], export_timing:
         for runtime, q in runtimes.items():
             t = export_timing["models"][name][runtime]
             cells = [name, RUNTIME_LABELS.get(runtime, runtime), f"{q['test_accuracy']:.2f}",
-                     _simple("agreement_with_fp32", "{:.2f}")(q) or "–", _simple("max_abs_diff", "{:.2g}")(q) or "–",
-                     f"{q['size_mb']:.3f}", f"{t['latency_ms_p50']:.3f}", f"{t['latency_ms_p90']:.3f}",
+                     _simple("agreement_with_fp32", "{:.2f}")(q) or "–",
+                     _simple("max_abs_diff", "{:.2g}")(q) or "–", f"{q['size_mb']:.3f}", f"{t['latency_ms_p50']:.3f}", f"{t['latency_ms_p90']:.3f}",
                      f"{t['throughput_ips']:,.0f}", _simple("speedup_vs_pytorch", "{:.2f}×")(t) or "–"]
             lines.append("| " + " | ".join(cells) + " |")
     fastest = [f"{name} {RUNTIME_LABELS.get(b['runtime'], b['runtime'])} ({b['latency_ms_p50']:.3f} ms"
