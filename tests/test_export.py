@@ -79,6 +79,21 @@ def test_a_model_the_dynamo_exporter_refuses_falls_back_and_says_so(tmp_path, mo
         np.testing.assert_allclose(OrtModel(sess)(x), model(x).numpy(), rtol=0, atol=1e-4)
 
 
+def test_a_model_neither_exporter_takes_and_a_missing_package_are_one_sentence(tmp_path, monkeypatch):
+    model, file_meta = saved_model(tmp_path / "m.pt", "student_cnn", _digits_meta())
+
+    def broken(model, example, path, dynamo):
+        raise (RuntimeError("no dynamo") if dynamo else ValueError("no torchscript either"))
+
+    monkeypatch.setattr(onnx_export, "_export", broken)
+    with pytest.raises(KdpipeError, match=r"^baseline \(student_cnn\) could not be exported to ONNX by either exporter "
+                                          r"\(RuntimeError: no dynamo; then ValueError: no torchscript either\)\.$"):
+        export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "m.onnx", onnx_metadata("baseline", file_meta))
+    with pytest.raises(KdpipeError, match=r"^kdpipe_no_such_runtime is not installed; install kdpipe's pinned "
+                                          r"dependencies \(make setup, or pip install -e \.\)\.$"):
+        onnx_export.require("kdpipe_no_such_runtime.quantization")
+
+
 def test_the_float32_check_allows_1e_4_scaled_by_logits_above_1():
     assert check_fp32("m", 9e-5, 0.5) == FP32_TOLERANCE
     assert check_fp32("m", 1.9e-3, 20.0) == pytest.approx(2e-3)
