@@ -191,7 +191,7 @@ def export_all(params: Params) -> dict[str, Any]:
                 run.log_metrics(mlflow_metrics(f"{name}.{rt}", {**metrics, **timing["models"][name][rt]}))
             run.log_metrics(mlflow_metrics(f"{name}.best", timing["best"][name]))
         run.log_artifact(paths.METRICS_DIR / "export.json")
-        run.log_artifact(paths.timing_path("export"))
+        run.log_artifact(paths.timing_path("export"), "timing")  # both files are named export.json
         if params.mlflow.log_models:
             for name in names:
                 for rt, path in onnx_files(name).items():
