@@ -17,7 +17,7 @@ from kdpipe.data.loader import Normalizer
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluate import latency_summary, time_forward
 from kdpipe.export import (FP32_TOLERANCE, ORT_FP32, ORT_INT8, PYTORCH, check_fp32, export_all, export_model,
-                           onnx_files, time_runtimes)
+                           fastest, onnx_files, time_runtimes)
 from kdpipe.inference import predict_logits
 from kdpipe.io import save_torch, write_json
 from kdpipe.onnx_export import OPSET, export_onnx, onnx_metadata
@@ -184,6 +184,20 @@ def test_time_forward_times_any_callable_after_its_warm_up():
     assert times["slow_start"].shape == (30,) and times["slow_start"].max() < 50.0
     summary = latency_summary(times["slow_start"])
     assert 0 < summary["latency_ms_p10"] <= summary["latency_ms_p50"] <= summary["latency_ms_p90"]
+
+
+def test_the_fastest_runtime_and_the_speedup_over_the_teachers_fastest():
+    base = np.arange(1.0, 11.0)
+    times = {"teacher/pytorch": base * 20, "teacher/ort_fp32": base * 8,  # the teacher is fastest in ONNX fp32
+             "baseline/pytorch": base * 4, "baseline/ort_fp32": base * 3, "baseline/ort_int8": base * 2}
+    per_model: dict = {}
+    for key, t in times.items():
+        name, runtime = key.split("/")
+        per_model.setdefault(name, {})[runtime] = latency_summary(t)
+    out = fastest(per_model, times)
+    assert out["teacher"] == {"runtime": ORT_FP32, "latency_ms_p50": 44.0}
+    assert out["baseline"] == {"runtime": ORT_INT8, "latency_ms_p50": 11.0, "speedup_vs_teacher": 4.0,
+                               "speedup_vs_teacher_p10": 4.0, "speedup_vs_teacher_p90": 4.0}
 
 
 def test_time_runtimes_uses_and_records_the_timing_threads(toy, monkeypatch):
