@@ -22,9 +22,9 @@ from tests.dvc_project import make_dvc_project
 pytestmark = pytest.mark.e2e
 
 ALL_STAGES = ["check_params", "download", "prepare", "train_teacher", "train_student", "teacher_targets", "kd_settings",
-              "distill@logit", "evaluate", "report"]
-DOWNSTREAM_OF_KD = ["check_params", "kd_settings", "distill@logit", "evaluate", "report"]
-FORCED = ["prepare", "train_student", "teacher_targets", "evaluate"]  # re-run by force on the same inputs
+              "distill@logit", "evaluate", "export", "report"]
+DOWNSTREAM_OF_KD = ["check_params", "kd_settings", "distill@logit", "evaluate", "export", "report"]
+FORCED = ["prepare", "train_student", "teacher_targets", "evaluate", "export"]  # re-run by force on the same inputs
 NO_MLFLOW_RUN = {"check_params", "kd_settings"}  # bookkeeping: they resolve params, train and measure nothing
 MODEL_KEYS = {"test_accuracy", "test_accuracy_ci95", "params", "size_mb"}
 STUDENT_KEYS = MODEL_KEYS | {"compression_ratio", "accuracy_vs_teacher"}
@@ -34,10 +34,11 @@ TIMING_KEYS = {"latency_ms_p50", "latency_ms_p10", "latency_ms_p90", "throughput
 STABLE_OUTPUTS = ["data/prepared", "models", "data/teacher_targets", "plots/history", "metrics/baseline.json",
                   "metrics/teacher.json", "metrics/distilled_logit.json", "metrics/data.json",
                   "metrics/evaluation.json", "plots/curves.csv", "plots/predictions.csv", "plots/confusion",
-                  "plots/per_class_accuracy.csv", "plots/accuracy_vs_size.csv"]
+                  "plots/per_class_accuracy.csv", "plots/accuracy_vs_size.csv", "data/onnx", "metrics/export.json"]
 PAIRED_KEYS = {"accuracy_diff_vs_baseline", "accuracy_diff_ci95", "mcnemar_p", "gap_closed"}
 FIGURES = ["accuracy.png", "per_class_accuracy.png", "training_curves.png", "training_objectives.png",
-           "confusion_matrices.png", "predictions.png", "accuracy_vs_latency.png", "accuracy_vs_size.png"]
+           "confusion_matrices.png", "predictions.png", "accuracy_vs_latency.png", "accuracy_vs_size.png",
+           "deployment.png"]
 EXP_NAME = "kd-t3"
 TEACHER_EPOCHS, STUDENT_EPOCHS = 1, 2
 
@@ -138,7 +139,13 @@ def test_outputs_exist(project):
     for name in ("curves.csv", "predictions.csv", "per_class_accuracy.csv", "accuracy_vs_size.csv",
                  "timing/accuracy_vs_latency.csv"):
         assert (root / "plots" / name).stat().st_size > 0
-    for name in ("teacher", "baseline", "distilled_logit", "teacher_targets", "evaluate"):
+    for name in ("teacher", "baseline", "distilled_logit"):  # the export stage: ONNX, int8 for the students
+        assert (root / "data" / "onnx" / f"{name}.onnx").stat().st_size > 0
+        assert (root / "data" / "onnx" / f"{name}.int8.onnx").exists() == (name != "teacher")
+    export = json.loads((root / "metrics" / "export.json").read_text())
+    assert set(export["teacher"]) == {"pytorch", "ort_fp32"}
+    assert set(export["baseline"]) == set(export["distilled_logit"]) == {"pytorch", "ort_fp32", "ort_int8"}
+    for name in ("teacher", "baseline", "distilled_logit", "teacher_targets", "evaluate", "export"):
         timing = json.loads((root / "metrics" / "timing" / f"{name}.json").read_text())
         assert timing["machine"]["cpu"] and timing["machine"]["threads"] >= 1, name
     assert json.loads((root / "metrics" / "timing" / "baseline.json").read_text())["train_seconds"] > 0
@@ -233,7 +240,7 @@ def lock_outs(text: str) -> dict[str, str]:
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
-def test_changing_kd_temperature_reruns_only_distill_evaluate_report(project):
+def test_changing_kd_temperature_reruns_only_distill_evaluate_export_report(project):
     assert project.results["exp_stages"] == DOWNSTREAM_OF_KD
     params = yaml.safe_load((project.root / "params.yaml").read_text())
     assert params["kd"]["temperature"] == 3

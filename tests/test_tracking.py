@@ -114,6 +114,7 @@ def test_stage_run_disabled_is_a_no_op(tmp_repo):
         run.log_metrics({"a": 1.0}, step=1)
         run.log_artifact(root / "nothing.txt")
         run.log_model(torch.nn.Linear(2, 2), input_example=np.zeros((1, 2), dtype=np.float32))
+        run.log_onnx_model(root / "nothing.onnx", np.zeros((1, 2), dtype=np.float32), name="x")
     assert not (root / "mlflow.db").exists()
 
 
@@ -502,3 +503,27 @@ def test_sigterm_and_ctrl_c_end_the_run_as_killed(tmp_repo, monkeypatch):
     runs = [r for r in client.search_runs([client.get_experiment_by_name("kdpipe").experiment_id])
             if r.info.run_name == "train_teacher"]
     assert [r.info.status for r in runs] == ["KILLED", "KILLED"]
+
+
+def test_stage_run_logs_an_onnx_model_with_its_signature(tmp_repo):
+    import mlflow
+    import mlflow.pyfunc
+
+    from kdpipe.onnx_export import export_onnx
+
+    root, _ = tmp_repo
+    params = parse_params({"mlflow": {"experiment": "unit"}})
+    model = models.build("student_cnn", 1, 3, 8, widths=[4, 8], dropout=0.0).eval()
+    export_onnx(model, torch.randn(2, 1, 8, 8), root / "m.onnx", {"model": "baseline"})
+    with stage_run("export", params) as run:
+        run.log_onnx_model(root / "m.onnx", np.zeros((2, 1, 8, 8), dtype=np.float32), name="baseline_fp32")
+        run_id = mlflow.active_run().info.run_id
+
+    logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/baseline_fp32")
+    (spec,) = logged.metadata.get_input_schema().inputs
+    assert spec.shape == (-1, 1, 8, 8)  # the batch dimension stays free
+    assert [o.name for o in logged.metadata.get_output_schema().inputs] == ["logits"]
+    x = torch.randn(5, 1, 8, 8)
+    out = logged.predict(x.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(out["logits"]), model(x).numpy(), atol=1e-4)

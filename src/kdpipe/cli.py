@@ -5,6 +5,7 @@
     kdpipe replicate --seeds N [--first 1] [--jobs 1]
     kdpipe replicate-report [--out reports/replicates] [--input exp_show.json]
     kdpipe ui-url [--port 5000]
+    kdpipe predict MODEL IMAGE... [--top-k 3] [--json]
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def _ui_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from kdpipe.predict import run_predict
+
+    return run_predict(args.model, args.images, args.top_k, args.json)
+
+
 def _exp_show_source(sub: argparse.ArgumentParser) -> None:
     """--input and --repo: where a subcommand reads ``dvc exp show --json`` from."""
     sub.add_argument("--input", help="a saved 'dvc exp show --json' output instead of running dvc")
@@ -139,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000, help="port the UI listens on (default: 5000)")
     ui.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     ui.set_defaults(func=_ui_url)
+
+    pred = sub.add_parser(
+        "predict", help="classify image files with a .pt or .onnx model",
+        description="Classify PNG/JPEG files (any size and mode: converted and resized to what the model file "
+                    "says) with a kdpipe model, models/<name>.pt or data/onnx/<name>[.int8].onnx, and print the "
+                    "most probable classes. A file that is not an image is reported on stderr and the others are "
+                    "still classified; the exit status is then 1.")
+    pred.add_argument("model", help="a .pt or .onnx model file")
+    pred.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    pred.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    pred.add_argument("--json", action="store_true",
+                      help='one JSON object per image and line: {"path": ..., "predictions": [{"class": ..., '
+                           '"probability": ...}, ...]}, highest first')
+    pred.set_defaults(func=_predict)
     return parser
 
 

@@ -11,6 +11,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,14 +42,18 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 
 
 @torch.inference_mode()
-def time_forward(models: dict[str, nn.Module], example: torch.Tensor, warmup: int, runs: int) -> dict[str, np.ndarray]:
+def time_forward(models: Mapping[str, Callable[[torch.Tensor], Any]], example: torch.Tensor, warmup: int,
+                 runs: int) -> dict[str, np.ndarray]:
     """Wall times (ms) of ``runs`` single-image forward passes of each model, after ``warmup``.
 
     The models take turns pass by pass, so a load spike or a frequency change hits all of them
-    alike and their ratios (speed-ups) stay fair on a machine that is not perfectly quiet.
+    alike and their ratios (speed-ups) stay fair on a machine that is not perfectly quiet. A
+    model is any callable on ``example`` (an ``nn.Module`` is put in eval mode first), so other
+    runtimes (the export stage's ONNX Runtime sessions) take turns with PyTorch's.
     """
     for model in models.values():
-        model.eval()
+        if isinstance(model, nn.Module):
+            model.eval()
         for _ in range(warmup):
             model(example)
     times = {name: np.empty(runs) for name in models}
@@ -61,9 +66,10 @@ def time_forward(models: dict[str, nn.Module], example: torch.Tensor, warmup: in
 
 
 @torch.inference_mode()
-def throughput_ips(model: nn.Module, batch: torch.Tensor, repeats: int = 5) -> float:
+def throughput_ips(model: Callable[[torch.Tensor], Any], batch: torch.Tensor, repeats: int = 5) -> float:
     """Images per second at the evaluation batch size (median of ``repeats`` passes)."""
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     model(batch)
     times = []
     for _ in range(repeats):

@@ -24,7 +24,7 @@ import torch
 KEY_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 
 # The command lines of kdpipe's stage scripts (as dvc.yaml runs them).
-STAGE_SCRIPT = re.compile(r"stages/(download|prepare|train_teacher|train_student|teacher_targets|distill|evaluate)\.py")
+STAGE_SCRIPT = re.compile(r"stages/(download|prepare|train_teacher|train_student|teacher_targets|distill|evaluate|export)\.py")
 
 
 def _cpuinfo() -> dict[str, str]:

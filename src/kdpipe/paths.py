@@ -9,6 +9,9 @@ DATA_SOURCE_FILE = Path("data/data_source.json")  # check_params: the validated 
 PREPARED_DIR = Path("data/prepared")
 TEACHER_TARGETS_DIR = Path("data/teacher_targets")
 KD_SETTINGS_DIR = Path("data/kd_settings")
+# export: the ONNX models. Not under models/, which evaluate and export depend on as a whole
+# (DVC refuses a stage whose output lies inside its own dependency).
+ONNX_DIR = Path("data/onnx")
 MODELS_DIR = Path("models")
 METRICS_DIR = Path("metrics")
 TIMING_DIR = METRICS_DIR / "timing"  # machine- and load-dependent figures, apart from quality
@@ -39,6 +42,11 @@ def distilled_method(name: str) -> str:
 
 def model_path(name: str) -> Path:
     return MODELS_DIR / f"{name}.pt"
+
+
+def onnx_path(name: str, int8: bool = False) -> Path:
+    """A model's ONNX file (``int8``: its statically quantized version)."""
+    return ONNX_DIR / f"{name}{'.int8' if int8 else ''}.onnx"
 
 
 def history_path(name: str) -> Path:

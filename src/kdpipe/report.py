@@ -683,6 +683,81 @@ def draw_figures(figures_dir: Path, records: dict[str, dict[str, Any]], historie
     return skipped
 
 
+RUNTIME_LABELS = {"pytorch": "PyTorch eager fp32", "ort_fp32": "ONNX Runtime fp32", "ort_int8": "ONNX Runtime int8"}
+RUNTIME_MARKERS = {"pytorch": "o", "ort_fp32": "s", "ort_int8": "^"}
+
+
+def plot_deployment(quality: dict[str, dict[str, Any]], timing: dict[str, Any], path: Path) -> None:
+    """Test accuracy against p50 latency at batch 1 for every model × runtime: colour is the
+    model, the marker the runtime (two legends, no text on the plot), a line spans p10–p90."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, runtimes) in enumerate(quality.items()):
+        for runtime, q in runtimes.items():
+            t = timing["models"][name][runtime]
+            colour = colours[i % len(colours)]
+            ax.hlines(q["test_accuracy"], t["latency_ms_p10"], t["latency_ms_p90"], color=colour, alpha=0.5, lw=1)
+            ax.scatter(t["latency_ms_p50"], q["test_accuracy"], s=55, color=colour,
+                       marker=RUNTIME_MARKERS.get(runtime, "D"), edgecolor="black", linewidth=0.5, zorder=3)
+    ax.set_xscale("log")
+    ax.set(xlabel="latency at batch 1, p50 (ms, log scale; line: p10–p90)", ylabel="test accuracy (%)",
+           title="Accuracy vs latency per model and runtime")
+    ax.grid(alpha=0.3)
+    model_handles = [plt.Line2D([], [], color=colours[i % len(colours)], marker="o", linestyle="", label=name)
+                     for i, name in enumerate(quality)]
+    used = {rt for runtimes in quality.values() for rt in runtimes}
+    runtime_handles = [plt.Line2D([], [], color="grey", marker=RUNTIME_MARKERS[rt], linestyle="", label=label)
+                       for rt, label in RUNTIME_LABELS.items() if rt in used]
+    first = ax.legend(handles=model_handles, title="model", fontsize=8, title_fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.02, 1.0))
+    ax.add_artist(first)
+    ax.legend(handles=runtime_handles, title="runtime", fontsize=8, title_fontsize=8, loc="lower left",
+              bbox_to_anchor=(1.02, 0.0))
+    _save(fig, path)
+
+
+def deployment_section(export_quality: dict[str, dict[str, Any]], export_timing: dict[str, Any], figures_dir: Path,
+                       link_dir: Path = Path("figures")) -> list[str]:
+    """The export stage's results as markdown lines: one table row per model × runtime and the
+    accuracy-vs-latency figure (drawn into ``figures_dir``, linked as ``link_dir``/deployment.png)."""
+    plot_deployment(export_quality, export_timing, figures_dir / "deployment.png")
+    m, protocol = export_timing.get("machine", {}), export_timing.get("protocol", {})
+    lines = [
+        "## Deployment", "",
+        "| Model | Runtime | Test acc. (%) | Agrees with fp32 (%) | Max logit diff | Size (MB) | p50 b=1 (ms) "
+        "| p90 b=1 (ms) | Throughput (img/s) | Speed-up vs PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runtimes in export_quality.items():
+        for runtime, q in runtimes.items():
+            t = export_timing["models"][name][runtime]
+            cells = [name, RUNTIME_LABELS.get(runtime, runtime), f"{q['test_accuracy']:.2f}",
+                     _simple("agreement_with_fp32", "{:.2f}")(q) or "–",
+                     _simple("max_abs_diff", "{:.2g}")(q) or "–", f"{q['size_mb']:.3f}", f"{t['latency_ms_p50']:.3f}", f"{t['latency_ms_p90']:.3f}",
+                     f"{t['throughput_ips']:,.0f}", _simple("speedup_vs_pytorch", "{:.2f}×")(t) or "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+    fastest = [f"{name} {RUNTIME_LABELS.get(b['runtime'], b['runtime'])} ({b['latency_ms_p50']:.3f} ms"
+               + (f", {b['speedup_vs_teacher']:.2f}× the teacher's" if "speedup_vs_teacher" in b else "") + ")"
+               for name, b in export_timing.get("best", {}).items()]
+    lines += [
+        "",
+        f"Every model exported to ONNX (opset {next(iter(export_quality.values()))['ort_fp32']['opset']}) and "
+        "checked against PyTorch on the whole test split (max logit diff: the largest difference of any logit); "
+        "the students also quantized to int8 (static QDQ, per-channel, calibrated on training images). "
+        f"Latency: batch 1, p50/p90 over {protocol.get('batch_1_runs', '?')} passes after "
+        f"{protocol.get('batch_1_warmup', '?')} warm-up passes, every model × runtime taking turns pass by pass; "
+        f"throughput at batch {protocol.get('throughput_batch_size', '?')}; {m.get('threads', '?')} thread(s) on "
+        f"{m.get('cpu', '?')} ({', '.join(m.get('flags', [])) or 'no AVX2/AVX-512'}), ONNX Runtime "
+        f"{m.get('onnxruntime', '?')}. Speed-up: the same model's PyTorch p50 over this runtime's.",
+        "",
+        "Fastest runtime per model (teacher comparison: each in its fastest runtime): " + "; ".join(fastest) + ".",
+        "",
+        f"![Accuracy vs latency per model and runtime]({link_dir / 'deployment.png'})",
+        "",
+    ]
+    return lines
+
+
 def write_report(
     out_path: Path,
     figures_dir: Path,
@@ -732,6 +807,9 @@ def write_report(
     lines += headline(evaluation, len(labels))
     lines += ["## Cost on this machine", "", _machine_words(timing), "", comparison_table(records, "cost"), ""]
     lines += _training_table(names, training)
+    if (paths.METRICS_DIR / "export.json").exists():
+        lines += deployment_section(read_json(paths.METRICS_DIR / "export.json"),
+                                    read_json(paths.timing_path("export")), figures_dir, rel)
     lines += ["## Figures", ""]
     for file, title, caption in FIGURES:
         body = f"{title}: {skipped[file]}." if file in skipped else f"![{title}]({rel / file})\n\n{caption}"

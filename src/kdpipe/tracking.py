@@ -452,6 +452,35 @@ class StageRun:
             return {}
         return self._safely("logging test accuracies", lambda: log_model_results(self._params, results)) or {}
 
+    def log_onnx_model(self, path: str | Path, input_example: Any, name: str) -> None:
+        """Log an ONNX file with MLflow's ONNX flavour: the signature comes from the input
+        example (its batch dimension stays free), the requirements are the pinned runtimes."""
+        if self._mlflow is None:
+            return
+        import numpy as np
+
+        example = np.asarray(input_example)
+
+        def log() -> None:
+            import mlflow.onnx
+            import onnx
+            import onnxruntime
+            from mlflow.models import infer_signature
+
+            sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            outputs = dict(zip([o.name for o in sess.get_outputs()],
+                               sess.run(None, {sess.get_inputs()[0].name: example})))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mlflow.onnx.log_model(
+                    onnx.load(str(path)), name=name, input_example=example,
+                    signature=infer_signature(example, outputs), onnx_execution_providers=["CPUExecutionProvider"],
+                    save_as_external_data=False,
+                    pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+                )
+
+        self._safely(f"logging {path}", log)
+
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
