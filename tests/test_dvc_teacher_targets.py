@@ -76,7 +76,7 @@ def test_kd_params_leave_the_teacher_targets_up_to_date(project):
     changed = _changed(root, env)
     assert "teacher_targets" not in changed and "train_teacher" not in changed
     # kd.* reaches the distill stages through kd_settings (data/kd_settings/<method>.json)
-    downstream = {"kd_settings", "distill@logit", "evaluate", "export", "report"}
+    downstream = {"check_params", "kd_settings", "distill@logit", "evaluate", "export", "report"}  # check_params: any param
     assert "kd_settings" in changed and changed <= downstream
     would_run = _stages_run(_run(root, env, "dvc", "repro", "--dry"))
     assert "kd_settings" in would_run and would_run <= downstream
