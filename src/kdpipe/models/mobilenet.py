@@ -30,8 +30,6 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import MobileNet_V2_Weights
-from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 
 from kdpipe.errors import KdpipeError
 from kdpipe.models.adapt import InputAdapter, renormalize_affine
@@ -76,6 +74,8 @@ class MobileNetV2Teacher(nn.Module):
                  data_mean: Sequence[float] | None = None, data_std: Sequence[float] | None = None,
                  freeze_backbone: bool = False, dropout: float = 0.2) -> None:
         super().__init__()
+        from torchvision.models import mobilenet_v2 as tv_mobilenet_v2  # lazily: see models/resnet.py
+
         net = tv_mobilenet_v2(weights=None)
         self.in_channels, self.input_size, self.frozen = in_channels, input_size, freeze_backbone
         if in_channels not in (1, 3):
@@ -126,6 +126,8 @@ def mobilenet_v2(in_channels: int, num_classes: int, image_size: int, input_size
 
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
     """torchvision's ``MobileNet_V2_Weights.IMAGENET1K_V1`` (from the torch hub cache or the network)."""
+    from torchvision.models import MobileNet_V2_Weights
+
     try:
         return MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except Exception as exc:  # URLError, OSError, hash mismatch...: all mean "could not get the weights"

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from kdpipe.models.registry import register
 from kdpipe.validation import Settings, fail
@@ -36,6 +35,10 @@ def _stage(in_planes: int, planes: int, stride: int) -> nn.Sequential:
     downsample = None
     if stride != 1 or in_planes != planes:
         downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+    # imported here: torchvision.models pulls in torch._dynamo (~3 s), which stages that only
+    # validate params or read metrics never need
+    from torchvision.models.resnet import BasicBlock
+
     return nn.Sequential(BasicBlock(in_planes, planes, stride, downsample), BasicBlock(planes, planes))
 
 
