@@ -9,7 +9,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 DATA   ?=
 N      ?= 3
 FIRST  ?= 1
-.PHONY: setup help repro exp compare presets replicate test ui clean-venv
+.PHONY: setup help repro exp exp-show compare presets replicate test ui clean-venv
 
 setup: $(STAMP)  ## create .venv and install the pinned dependencies and kdpipe (idempotent)
 
@@ -32,6 +32,12 @@ exp: setup  ## a DVC experiment on DATA's preset (-S flags; params.yaml is left 
 replicate: setup  ## N seed replicates of the committed run (only student.seed varies) through DVC's queue, then their table: make replicate N=3 [FIRST=1]
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate --seeds $(N) --first $(FIRST)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate-report --out reports/replicates
+
+# exp show columns that move on every run or repeat the headline (timings, intervals, deployment detail)
+EXP_SHOW_DROP := best\..*|models\..*|.*\.(pytorch|ort_fp32|ort_int8)\..*|metrics/timing/.*|machine\..*|.*ci95.*|.*mcnemar.*|.*gap_closed|.*best_epoch|.*best_val_accuracy|.*accuracy_vs_teacher|.*accuracy_diff.*|Created|data/.*|metrics$$|models$$|plots.*|src/.*|stages/.*
+
+exp-show: setup  ## dvc exp show --only-changed without timings and detail: changed params and test accuracies
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp show --only-changed --drop '$(EXP_SHOW_DROP)'
 
 compare: setup  ## the HEAD run and its DVC experiments on one screen: changed params and test accuracy per model
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe compare

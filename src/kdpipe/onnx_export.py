@@ -58,10 +58,25 @@ def onnx_metadata(name: str, model_meta: dict[str, Any], precision: str = "float
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()}
 
 
+def strip_trace_metadata(proto: Any) -> None:
+    """Drop what the exporter records about where each node came from (stack traces with this
+    checkout's file paths, FX node names): the same model must give the same bytes in any folder
+    on any machine, or DVC sees a changed output after every clone."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        value.doc_string = ""
+        del value.metadata_props[:]
+
+
 def set_metadata(path: str | Path, props: dict[str, str]) -> None:
     """Replace the ``metadata_props`` of the ONNX file at ``path`` (and check the model)."""
     onnx = require("onnx")
     proto = onnx.load(str(path))
+    strip_trace_metadata(proto)
     del proto.metadata_props[:]
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
