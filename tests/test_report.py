@@ -251,3 +251,16 @@ def test_report_renders_without_timing(tmp_path):
         assert (inputs["figures_dir"] / file).read_bytes()[:8] == PNG, file
 
 
+
+
+def test_training_table_takes_the_time_from_the_timing_file(tmp_path, monkeypatch):
+    from kdpipe import paths
+    from kdpipe.io import write_json
+    from kdpipe.report import _train_seconds, _training_table
+
+    monkeypatch.chdir(tmp_path)
+    write_json(paths.timing_path("baseline"), {"train_seconds": 5.12, "machine": {}})
+    training = {"baseline": {"best_val_accuracy": 99.63, "best_epoch": 19, "epochs": 30, **_train_seconds("baseline")},
+                "teacher": {"best_val_accuracy": 98.51, "best_epoch": 13, "epochs": 15, **_train_seconds("teacher")}}
+    lines = _training_table(["teacher", "baseline"], training)
+    assert "| baseline | 99.63 | 19 | 30 | 5.1 |" in lines and "| teacher | 98.51 | 13 | 15 | – |" in lines

@@ -824,15 +824,25 @@ def _training_table(names: list[str], training: dict[str, dict[str, Any]]) -> li
     for name in names:
         t = training.get(name, {})
         lines.append(f"| {name} | {t.get('best_val_accuracy', float('nan')):.2f} | {t.get('best_epoch', '–')} | "
-                     f"{t.get('epochs', '–')} | {t.get('train_seconds', float('nan')):.1f} |")
+                     f"{t.get('epochs', '–')} | {_seconds(t.get('train_seconds'))} |")
     return lines + [""]
+
+
+def _seconds(value: Any) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _train_seconds(name: str) -> dict[str, Any]:
+    path = paths.timing_path(name)
+    return {"train_seconds": read_json(path)["train_seconds"]} if path.exists() else {}
 
 
 def build_report(params: Params) -> None:
     """The report stage: figures and reports/report.md from evaluate's outputs."""
     data = load_prepared(paths.PREPARED_DIR)
     evaluation = read_json(paths.METRICS_DIR / "evaluation.json")
-    training = {n: read_json(paths.train_metrics_path(n)) for n in evaluation}
+    # quality from metrics/<model>.json, the training time from metrics/timing/<model>.json
+    training = {n: {**read_json(paths.train_metrics_path(n)), **_train_seconds(n)} for n in evaluation}
     context = {
         "dataset": params.data.name, "teacher_arch": params.teacher.arch, "student_arch": params.student.arch,
         "student_settings": ", ".join(f"{k} {v}" for k, v in as_dict(params.student.arch_settings).items()),
