@@ -7,9 +7,7 @@ they depend on the machine and its load rather than on the models alone."""
 from __future__ import annotations
 
 import csv
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -231,24 +229,11 @@ def measure_timings(loaded: dict[str, nn.Module], quality: dict[str, dict[str, A
     """Time every model once nothing else of ours runs, on ``cfg.timing_threads`` threads
     (0: the runtime's), and write metrics/timing/evaluate.json and
     plots/timing/accuracy_vs_latency.csv."""
-    still_running = machine.wait_until_alone(cfg.wait_alone_s)
     threads = cfg.timing_threads or runtime_threads
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    with machine.timing_conditions(cfg.wait_alone_s, threads) as conditions:
         per_model = time_all(loaded, quality, normalize(test.images[:1]), normalize(test.images[:cfg.batch_size]),
                              cfg)
-    finally:
-        torch.set_num_threads(previous)
-    timing = {
-        "machine": {**machine.describe(threads), "load_avg_1min_before": load_before,
-                    "other_kdpipe_stages_running": len(still_running)},
-        "models": per_model,
-    }
-    if still_running:
-        print(f"warning: {len(still_running)} other kdpipe stage(s) still ran while timing; "
-              "the latencies in metrics/timing/evaluate.json are slowed by them", file=sys.stderr)
+    timing = {"machine": conditions, "models": per_model}
     write_json(paths.timing_path("evaluate"), timing)
     write_csv(paths.PLOTS_DIR / "timing" / "accuracy_vs_latency.csv", [
         {"model": n, "test_accuracy": quality[n]["test_accuracy"],

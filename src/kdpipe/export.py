@@ -9,7 +9,6 @@ measurements and sit apart (metrics/timing/export.json), like evaluate's.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,12 +114,8 @@ def time_runtimes(loaded: dict[str, nn.Module], files: dict[str, dict[str, Path]
     ``cfg.latency_warmup``, every model × runtime taking turns), throughput at
     ``cfg.batch_size``, speed-ups over the same model in PyTorch and over the teacher (each in
     its fastest runtime), on ``cfg.timing_threads`` threads (0: the runtime's)."""
-    still_running = machine.wait_until_alone(cfg.wait_alone_s)
     threads = cfg.timing_threads or runtime_threads
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    with machine.timing_conditions(cfg.wait_alone_s, threads) as conditions:
         runners: dict[str, Any] = {}
         ort_settings: dict[str, Any] = {}
         for name, model in loaded.items():
@@ -138,12 +133,9 @@ def time_runtimes(loaded: dict[str, nn.Module], files: dict[str, dict[str, Path]
             t = _renamed(latency_summary(times[key], reference), "vs_pytorch")
             t["throughput_ips"] = round(throughput_ips(runner, batch), 2)
             per_model[name][runtime] = t
-    finally:
-        torch.set_num_threads(previous)
     ort = require("onnxruntime")
     return {
-        "machine": {**machine.describe(threads), "onnxruntime": ort.__version__, **ort_settings,
-                    "load_avg_1min_before": load_before, "other_kdpipe_stages_running": len(still_running)},
+        "machine": {**conditions, "onnxruntime": ort.__version__, **ort_settings},
         "protocol": {"batch_1_warmup": cfg.latency_warmup, "batch_1_runs": cfg.latency_runs,
                      "throughput_batch_size": int(batch.shape[0])},
         "models": per_model,
@@ -225,6 +217,3 @@ def _print_timing(timing: dict[str, Any]) -> None:
             print(f"{name} {runtime}: {t['latency_ms_p50']:.3f} ms/image p50 (p90 {t['latency_ms_p90']:.3f}), "
                   f"{t['throughput_ips']:,.0f} images/s on {threads} thread(s)"
                   + (f", {t['speedup_vs_pytorch']:.2f}× PyTorch" if "speedup_vs_pytorch" in t else ""))
-    if timing["machine"]["other_kdpipe_stages_running"]:
-        print(f"warning: {timing['machine']['other_kdpipe_stages_running']} other kdpipe stage(s) still ran while "
-              "timing; the latencies in metrics/timing/export.json are slowed by them", file=sys.stderr)

@@ -9,12 +9,13 @@ other 4–10×). Every timing file records :func:`describe`, and the evaluate st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,23 @@ def wait_until_alone(timeout_s: float, poll_s: float = 5.0,
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
         running = others()
     return running
+
+
+@contextlib.contextmanager
+def timing_conditions(wait_alone_s: float, threads: int) -> Iterator[dict[str, Any]]:
+    """Time alone and on a fixed thread count: wait up to ``wait_alone_s`` for other kdpipe
+    stages, set torch to ``threads`` threads for the body (restored after), and yield the
+    machine description every timing file records (with the load before and whether other
+    stages still ran)."""
+    still_running = wait_until_alone(wait_alone_s)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield {**describe(threads), "load_avg_1min_before": load_before,
+               "other_kdpipe_stages_running": len(still_running)}
+    finally:
+        torch.set_num_threads(previous)
+    if still_running:
+        print(f"warning: {len(still_running)} other kdpipe stage(s) still ran while timing; the timings are "
+              "slowed by them", file=sys.stderr)
