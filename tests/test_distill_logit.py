@@ -3,6 +3,8 @@ independent soft-KL formula, with online and cached teacher logits."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 
 import pytest
@@ -15,7 +17,7 @@ from kdpipe.distill import METHODS, BatchContext, CachedTeacher
 from kdpipe.distill.logit import LogitKD, LogitSettings
 from kdpipe.validation import derived_fields
 from tests import kd_reference as ref
-from tests.conftest import build_method, method_settings
+from tests.conftest import build_method, method_inputs, method_settings
 
 BATCH = BatchContext(torch.arange(8), 0)
 
@@ -34,8 +36,9 @@ class TinyNet(nn.Module):
 
 def make_logit_kd(alpha: float, temperature: float = 3.0, label_smoothing: float = 0.0):
     student, teacher = TinyNet(0), TinyNet(1)
-    objective = build_method("logit", student, teacher, label_smoothing=label_smoothing, temperature=temperature,
-                             alpha=alpha)
+    # params.yaml refuses alpha 0 (no teacher term: the baseline); the formula is still checked at that end
+    settings = dataclasses.replace(method_settings("logit", temperature=temperature, alpha=alpha or 0.5), alpha=alpha)
+    objective = METHODS.get("logit").factory(method_inputs(student, teacher, label_smoothing, (1, 8, 8)), settings)
     return objective, student, teacher
 
 
