@@ -87,5 +87,6 @@ def test_help_lists_every_target_with_its_description(project):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     lines = result.stdout.splitlines()
     targets = [line.split()[1] for line in lines]
-    assert targets == ["setup", "help", "repro", "exp", "replicate", "presets", "test", "ui", "clean-venv"]
+    assert targets == ["setup", "help", "repro", "exp", "replicate", "exp-show", "compare", "presets", "test", "ui",
+                       "clean-venv"]
     assert any(line.split()[1] == "repro" and "run the whole DVC pipeline" in line for line in lines)
