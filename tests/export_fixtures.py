@@ -49,3 +49,17 @@ def train_student(data: PreparedData, path: Path, steps: int = 120, seed: int = 
     arch_params = models.load(path)[1]["arch_params"]
     models.save(path, model, "student_cnn", arch_params, data.meta)
     return models.load(path, data.meta)
+
+
+def exported_toy_student(folder: Path, n_test: int, seed: int) -> tuple[PreparedData, nn.Module, Normalizer, dict]:
+    """A greyscale 8×8 student trained on the toy squares, saved as ``folder/student.pt`` and
+    exported to ``folder/student.onnx``; returns (data, model, normalize, ONNX metadata)."""
+    from kdpipe.onnx_export import export_onnx, onnx_metadata
+    from tests.conftest import make_prepared
+
+    data = make_prepared(n_train=256, n_val=16, n_test=n_test, channels=1, size=8, classes=4, seed=seed)
+    model, meta = train_student(data, folder / "student.pt")
+    normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
+    props = onnx_metadata("baseline", meta)
+    export_onnx(model, normalize(data.test.images[:2]), folder / "student.onnx", props)
+    return data, model, normalize, props

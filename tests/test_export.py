@@ -26,7 +26,7 @@ from kdpipe.onnx_runtime import predict_logits as ort_logits
 from kdpipe.quantize import calibration_images, quantize_int8
 from kdpipe.report import deployment_section
 from tests.conftest import make_prepared
-from tests.export_fixtures import saved_model, train_student
+from tests.export_fixtures import exported_toy_student, saved_model, train_student
 
 INT8_MARGIN = 2.0  # points: the int8 student's accuracy on the toy test split vs its float32 export
 
@@ -108,12 +108,7 @@ def test_the_float32_check_allows_1e_4_scaled_by_logits_above_1():
 def toy(tmp_path_factory):
     """A student trained on the toy squares, with its float32 ONNX export."""
     folder = tmp_path_factory.mktemp("toy")
-    data = make_prepared(n_train=256, n_val=16, n_test=200, channels=1, size=8, classes=4, seed=3)
-    model, meta = train_student(data, folder / "student.pt")
-    normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
-    props = onnx_metadata("baseline", meta)
-    export_onnx(model, normalize(data.test.images[:2]), folder / "student.onnx", props)
-    return data, model, normalize, props, folder
+    return (*exported_toy_student(folder, n_test=200, seed=3), folder)
 
 
 def test_int8_student_loads_runs_and_stays_close_to_float32(toy):

@@ -13,12 +13,11 @@ from PIL import Image
 
 from kdpipe.cli import main
 from kdpipe.data.images import resize_uint8
-from kdpipe.data.loader import Normalizer
 from kdpipe.onnx_export import export_onnx, onnx_metadata, set_metadata
 from kdpipe.predict import load_classifier, read_image, top_k
 from kdpipe.quantize import calibration_images, quantize_int8
 from tests.conftest import make_prepared
-from tests.export_fixtures import saved_model, train_student
+from tests.export_fixtures import exported_toy_student, saved_model
 
 
 def _square(quadrant: int, side: int) -> np.ndarray:
@@ -34,11 +33,7 @@ def _square(quadrant: int, side: int) -> np.ndarray:
 def model_files(tmp_path_factory):
     """A greyscale 8×8 student trained on the toy squares: .pt, .onnx and .int8.onnx."""
     folder = tmp_path_factory.mktemp("predict")
-    data = make_prepared(n_train=256, n_val=16, n_test=32, channels=1, size=8, classes=4, seed=11)
-    model, meta = train_student(data, folder / "student.pt")
-    normalize = Normalizer.from_meta(data.meta["mean"], data.meta["std"])
-    props = onnx_metadata("baseline", meta)
-    export_onnx(model, normalize(data.test.images[:2]), folder / "student.onnx", props)
+    data, _, normalize, props = exported_toy_student(folder, n_test=32, seed=11)
     quantize_int8(folder / "student.onnx", folder / "student.int8.onnx",
                   calibration_images(data.train, normalize, 0), props)
     return {"pt": folder / "student.pt", "onnx": folder / "student.onnx", "int8": folder / "student.int8.onnx"}
