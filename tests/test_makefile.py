@@ -41,8 +41,9 @@ def project(tmp_path):
 
 def make(project, *args, dvc_status=0):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "FAKE_DVC_STATUS": str(dvc_status)}
-    env.pop("MAKEFLAGS", None)
-    return subprocess.run(["make", *args], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    for inherited in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # under `make test` make would print "Entering directory"
+        env.pop(inherited, None)
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=project, env=env, capture_output=True, text=True, timeout=300)
 
 
 def dvc_calls(project):
