@@ -17,4 +17,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", required=True, help="one entry of kd.methods, e.g. logit")
     args = parser.parse_args()
-    main(lambda: run(args.method))
+    main(lambda: run(args.method), nproc=lambda: load_params().runtime.nproc)

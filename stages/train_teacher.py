@@ -5,4 +5,4 @@ from kdpipe.stage import main
 from kdpipe.workflow import train_teacher
 
 if __name__ == "__main__":
-    main(lambda: train_teacher(load_params()))
+    main(lambda: train_teacher(load_params()), nproc=lambda: load_params().runtime.nproc)

@@ -223,10 +223,13 @@ class RuntimeConfig(Settings):
     bf16: Literal["auto", "on", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
+    nproc: int = 1  # training processes (DistributedDataParallel under torchrun) for the training stages
 
     def check(self, key: str) -> None:
         if self.threads < 0:
             fail(f"{key}.threads", self.threads, "0 (all cores) or a positive integer")
+        if self.nproc < 1:
+            fail(f"{key}.nproc", self.nproc, "a positive integer (1: one process; N: N processes under torchrun)")
 
 
 @dataclass(frozen=True)

@@ -54,12 +54,17 @@ def cpu_flags() -> list[str]:
     return [f for f in KEY_FLAGS if f in flags]
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def describe(threads: int) -> dict[str, Any]:
     """The machine a timing was taken on, for every timing file."""
     return {
         "cpu": cpu_model(),
         "flags": cpu_flags(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": available_cores(),
         "threads": threads,
         "torch": torch.__version__,
     }

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdpipe import distributed, machine
 from kdpipe.config import RuntimeConfig
 from kdpipe.errors import KdpipeError
 
@@ -104,8 +104,14 @@ def setup_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
     """Seed every RNG, set the thread count once and pick device, precision and layout."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise KdpipeError("runtime.device=cuda but no CUDA device is available; use runtime.device=auto or cpu.")
+    group = distributed.from_env()  # under torchrun: this process's share of the machine
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    threads = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if device.type == "cuda" and group.active:
+        device = torch.device("cuda", group.local_rank)
+        torch.cuda.set_device(device)
+    # 0 (all cores) shares them among the processes on this machine: more threads than cores
+    # make processes wait on each other (2 processes × 2 threads on 2 cores run 4-10× slower)
+    threads = cfg.threads or max(1, machine.available_cores() // group.local_world)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     random.seed(seed)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from kdpipe.checkpoint import Checkpoint, rng_state, set_rng_state
@@ -22,6 +23,7 @@ from kdpipe.config import AugmentConfig, TrainConfig
 from kdpipe.data.loader import Normalizer, TrainingBatches
 from kdpipe.data.prepare import PreparedData, Split
 from kdpipe.distill.base import BatchContext, Objective
+from kdpipe.distributed import SINGLE, Distributed, sync_batchnorm
 from kdpipe.inference import loss_and_accuracy, predict_logits
 from kdpipe.errors import KdpipeError
 from kdpipe.runtime import Runtime
@@ -86,6 +88,31 @@ class TrainJob:
     augment: AugmentConfig
     runtime: Runtime
     seed: int
+    group: Distributed = SINGLE  # the processes training together (runtime.nproc); rank 0 writes
+
+
+class TrainStep(nn.Module):
+    """The objective's training step as a module's forward, which DistributedDataParallel wraps."""
+
+    def __init__(self, objective: Objective) -> None:
+        super().__init__()
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, batch: BatchContext):
+        return self.objective.forward_train(images, labels, batch)
+
+
+def check_batches_split(group: Distributed, n_train: int, batch_size: int, key: str) -> None:
+    """Every process needs images in every global batch (an empty share has no mean loss)."""
+    if not group.active:
+        return
+    last = n_train % batch_size
+    if batch_size < group.world or 0 < last < group.world:
+        raise KdpipeError(
+            f"with runtime.nproc={group.world} every process needs at least one image of each batch, but "
+            f"{key}={batch_size} on {n_train} training images leaves "
+            f"{'a batch' if batch_size < group.world else f'a last batch of {last}'} to share; "
+            f"choose another {key} or runtime.nproc.")
 
 
 class BestWeights:
@@ -125,22 +152,27 @@ class Optimisation:
 
 def train_epoch(job: TrainJob, batches: TrainingBatches, epoch: int, optim: Optimisation, step_fn) -> dict:
     """One epoch over ``batches``: returns the epoch's training row (loss terms, accuracy, lr, time)."""
-    runtime, recipe = job.runtime, job.recipe
+    runtime, recipe, group = job.runtime, job.recipe, job.group
     job.objective.train()
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=runtime.device)
     lr, start, n_train = 0.0, time.perf_counter(), len(batches.split)
     for batch in tqdm(batches.epoch(epoch), total=batches.steps, desc=f"{job.name} epoch {epoch + 1}/{recipe.epochs}",
-                      leave=False, disable=None, file=sys.stderr):
+                      leave=False, disable=None if group.is_main else True, file=sys.stderr):
         with runtime.autocast():
             logits, losses = step_fn(batch.images, batch.labels, BatchContext(batch.indices, epoch))
-        lr = optim.step(sum(losses.values()))
         n = batch.labels.shape[0]
+        # a share of a global batch: weighted so that DDP's gradient average is the global mean
+        lr = optim.step(sum(losses.values()) * group.loss_weight(n, batch.total or n))
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() * n
         # mixed batches carry soft labels (N×K): a prediction is right when it is the dominant class
         labels = batch.labels.argmax(1) if batch.labels.ndim == 2 else batch.labels
         correct += (logits.detach().argmax(1) == labels).sum()
+    if group.active:  # the epoch's totals over all processes' shares
+        names = list(sums)  # the same order on every rank: the same objective made them
+        totals = group.all_sum(torch.stack([correct.float(), *(sums[k] for k in names)]))
+        correct, sums = totals[0], dict(zip(names, totals[1:]))
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)  # time the work, not its queueing
     return {
@@ -199,8 +231,9 @@ def resume(job: TrainJob, checkpoint: Checkpoint, objective: Objective, optim: "
     result.seconds = state["seconds"]
     set_rng_state(state["rng"])
     done = len(result.history)
-    print(f"{job.name}: resuming from {checkpoint.path} after epoch {done} of {job.recipe.epochs} "
-          f"(best validation accuracy so far {best.accuracy:.2f}% at epoch {best.epoch})", file=sys.stderr)
+    if job.group.is_main:
+        print(f"{job.name}: resuming from {checkpoint.path} after epoch {done} of {job.recipe.epochs} "
+              f"(best validation accuracy so far {best.accuracy:.2f}% at epoch {best.epoch})", file=sys.stderr)
     if on_epoch is not None:
         for row, seconds in zip(result.history, result.epoch_seconds):
             on_epoch({**row, "epoch_seconds": seconds})
@@ -212,36 +245,48 @@ def fit(job: TrainJob, on_epoch: Callable[[dict], None] | None = None,
     """Train ``job.objective.student`` in place; on return it holds the best-on-validation weights.
 
     With a ``checkpoint``, every finished epoch is saved there and a matching checkpoint left by
-    a killed run is resumed (the result is the same as an uninterrupted run's)."""
-    objective, data, recipe = job.objective, job.data, job.recipe
-    student = objective.student
-    job = replace(job, runtime=job.runtime.for_model(student, (data.channels, data.image_size, data.image_size)))
+    a killed run is resumed (the result is the same as an uninterrupted run's).
+
+    In a training group (``job.group``) every process calls this: each trains on its share of
+    every batch under DistributedDataParallel; rank 0 validates (its result is shared, so all
+    take the same decisions) and alone saves checkpoints and calls ``on_epoch``."""
+    objective, data, recipe, group = job.objective, job.data, job.recipe, job.group
+    check_batches_split(group, len(data.train), recipe.batch_size,
+                        "teacher.batch_size" if job.name == "teacher" else "student.batch_size")
+    job = replace(job, runtime=job.runtime.for_model(objective.student, (data.channels, data.image_size, data.image_size)))
     runtime = job.runtime
+    objective.student = sync_batchnorm(objective.student, group, runtime.device)
+    student = objective.student
     objective.to(runtime.device, memory_format=runtime.memory_format)
-    batches = TrainingBatches.for_run(data, recipe.batch_size, job.augment, job.seed, runtime)
-    val = to_device(data.val, runtime.device)
+    batches = TrainingBatches.for_run(data, recipe.batch_size, job.augment, job.seed, runtime, group=group)
+    val = to_device(data.val, runtime.device) if group.is_main else None
     opt = make_optimizer(objective.trainable_parameters(), recipe)
     optim = Optimisation(opt, make_scheduler(opt, recipe, batches.steps),
                          torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16))
+    step = group.wrap(TrainStep(objective), runtime.device) if group.active else objective.forward_train
     # compile time is not hidden: it is part of the first epoch's epoch_seconds and of seconds
-    step_fn = torch.compile(objective.forward_train) if runtime.compile else objective.forward_train
+    step_fn = torch.compile(step) if runtime.compile else step
 
     result, best, start = TrainResult(), BestWeights(), time.perf_counter()
     first = resume(job, checkpoint, objective, optim, best, result, on_epoch) if checkpoint is not None else 0
     for epoch in range(first, recipe.epochs):
         trained = train_epoch(job, batches, epoch, optim, step_fn)
         seconds = trained.pop("epoch_seconds")
-        val_loss, val_acc = validate(student, val, batches.normalize, runtime)
+        val_loss, val_acc = validate(student, val, batches.normalize, runtime) if group.is_main else (0.0, 0.0)
+        val_loss, val_acc = group.from_main((val_loss, val_acc), runtime.device)
         row = {"epoch": epoch + 1, "train_loss": trained.pop("train_loss"), "train_acc": trained.pop("train_acc"),
                "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 4), **trained}
         check_finite(job, student, row)
         result.history.append(row)  # no timing in the history: it stays a function of the inputs
         result.epoch_seconds.append(seconds)
         best.update(student, val_acc, epoch + 1)
+        if not group.is_main:
+            continue
         if checkpoint is not None:
             checkpoint.save(training_state(objective, optim, best, result, result.seconds + time.perf_counter() - start))
         tqdm.write(f"{job.name} epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f} "
-                   f"train {row['train_acc']:.2f}% val {val_acc:.2f}% ({seconds:.1f}s)", file=sys.stderr)
+                   f"train {row['train_acc']:.2f}% val {val_acc:.2f}% ({seconds:.1f}s)"
+                   + (f" [{group.world} processes]" if group.active else ""), file=sys.stderr)
         if on_epoch is not None:
             on_epoch({**row, "epoch_seconds": seconds})
     best.restore(student)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdpipe import machine, models, paths
+from kdpipe import distributed, machine, models, paths
 from kdpipe.checkpoint import Checkpoint, run_fingerprint
 from kdpipe.config import Params
 from kdpipe.data.loader import Normalizer
@@ -28,7 +28,8 @@ from kdpipe.train import TrainJob, TrainResult, fit
 @dataclass
 class Setup:
     """What every training stage starts from: validated params, the run's seed, the runtime
-    (RNGs seeded with it, threads set) and the prepared data.
+    (RNGs seeded with it, threads set), the prepared data and, under torchrun
+    (``runtime.nproc`` > 1), this process's place in the training group.
 
     The teacher's seed is the global ``seed``; the student runs (baseline, distill) use
     ``params.student_seed`` (``student.seed``, null: the global seed), which seeds the
@@ -39,11 +40,13 @@ class Setup:
     seed: int
     runtime: Runtime
     data: PreparedData
+    group: distributed.Distributed = distributed.SINGLE
 
     @classmethod
     def load(cls, params: Params, role: str) -> "Setup":
         seed = params.student_seed if role == "student" else params.seed
-        return cls(params, seed, setup_runtime(params.runtime, seed), load_prepared(paths.PREPARED_DIR))
+        runtime = setup_runtime(params.runtime, seed)
+        return cls(params, seed, runtime, load_prepared(paths.PREPARED_DIR), distributed.init(runtime.device))
 
     def build(self, role: str) -> tuple[nn.Module, dict[str, Any]]:
         """A fresh model of the ``teacher`` or ``student`` section's architecture, and the
@@ -57,11 +60,15 @@ class Setup:
                        method: str | None = None, inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
         """Train ``objective``'s student with the ``role`` recipe; write models/<name>.pt, its
         history, its metrics and its MLflow run. A checkpoint of a killed run with the same
-        params, code and ``inputs`` (besides the prepared data) is resumed."""
+        params, code and ``inputs`` (besides the prepared data) is resumed. In a training group
+        every process trains and rank 0 alone writes."""
         inputs = (paths.PREPARED_DIR, *inputs)
         params, data, recipe = self.params, self.data, getattr(self.params, role)
-        job = TrainJob(name, objective, data, recipe, params.data.augment, self.runtime, self.seed)
+        job = TrainJob(name, objective, data, recipe, params.data.augment, self.runtime, self.seed, self.group)
         checkpoint = Checkpoint(name, run_fingerprint(stage + (f"@{method}" if method else ""), inputs))
+        if not self.group.is_main:
+            fit(job, checkpoint=checkpoint)  # reads a checkpoint to resume from, never writes one
+            return {}
         with stage_run(stage, params, method) as run:
             result = fit(job, on_epoch=lambda row: run.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]), checkpoint=checkpoint)
@@ -77,7 +84,7 @@ class Setup:
                 "runtime": result.runtime or self.runtime.describe(),
             }
             write_json(paths.train_metrics_path(name), summary)
-            timing = training_timing(result, self.runtime.threads)
+            timing = {**training_timing(result, self.runtime.threads), "processes": self.group.world}
             write_json(paths.timing_path(name), timing)
             run.log_metrics({k: v for k, v in {**summary, **timing}.items() if isinstance(v, (int, float))})
             if params.mlflow.log_models:

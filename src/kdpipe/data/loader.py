@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kdpipe.data.prepare import Split
+from kdpipe.distributed import SINGLE, Distributed
 from kdpipe.data.views import MIX_KINDS, apply_mix, apply_views, epoch_order, make_mix, make_views, mix_labels
 
 
@@ -46,6 +47,7 @@ class Batch:
     indices: torch.Tensor  # positions in the split (CPU int64), for reproducing views
     images: torch.Tensor  # normalised float N×C×H×W
     labels: torch.Tensor  # class indices (N, int64), or soft targets (N×K float32) when mixing
+    total: int = 0  # images in the global batch this one is a share of (runtime.nproc > 1); 0: this batch
 
 
 def augmentation(augment, meta: dict) -> tuple[int, bool]:
@@ -66,6 +68,7 @@ def train_batches(
     mix: str = "none",
     mix_alpha: float = 1.0,
     num_classes: int | None = None,
+    group: Distributed = SINGLE,
 ) -> Iterator[Batch]:
     """Shuffled, augmented batches of one epoch; deterministic in (seed, epoch).
 
@@ -78,6 +81,9 @@ def train_batches(
     With ``mix`` ``"mixup"`` or ``"cutmix"`` each image is mixed with its partner's view of
     the same epoch (:func:`kdpipe.data.views.make_mix`, also drawn up front: a function of
     (seed, epoch, index) only) and the labels are soft targets over ``num_classes`` classes.
+
+    In a training group (``group``, ``runtime.nproc`` > 1) every process walks the same order
+    and yields only its share of each global batch of ``batch_size`` images.
     """
     if mix not in MIX_KINDS:
         raise ValueError(f"mix must be one of {', '.join(MIX_KINDS)}, got {mix!r}")
@@ -110,7 +116,8 @@ def train_batches(
         partner_at_source = at_source(mixing.partner)
         partner_views = on_device(make_views(seed, epoch, mixing.partner, pad, flip) if augmenting else None)
     for start in range(0, len(order), batch_size):
-        rows = slice(start, start + batch_size)
+        total = min(batch_size, len(order) - start)
+        rows = group.shard(torch.arange(start, start + total)) if group.active else slice(start, start + batch_size)
         idx = order[rows]
         raw, labels = fetch(order_at_source[rows])
         if views is not None:
@@ -122,7 +129,7 @@ def train_batches(
             mixed = mixing[rows]
             raw, labels = apply_mix(raw, other, mixed), mix_labels(labels, other_labels, mixed, num_classes)
         x = normalize(raw.contiguous(memory_format=memory_format))
-        yield Batch(idx, x, labels)
+        yield Batch(idx, x, labels, total)
 
 
 def eval_batches(
@@ -159,9 +166,11 @@ class TrainingBatches:
     mix: str = "none"  # none | mixup | cutmix (data.augment.mix)
     mix_alpha: float = 1.0  # λ ~ Beta(mix_alpha, mix_alpha)
     num_classes: int = 0  # for the soft labels of mixed batches
+    group: Distributed = SINGLE  # the training processes sharing each batch (runtime.nproc)
 
     @classmethod
-    def for_run(cls, data, batch_size: int, augment, seed: int, runtime, place: bool = True) -> "TrainingBatches":
+    def for_run(cls, data, batch_size: int, augment, seed: int, runtime, place: bool = True,
+                group: Distributed = SINGLE) -> "TrainingBatches":
         """The batches a run with ``batch_size``, ``augment`` (data.augment) and ``seed`` trains on
         (``data``: :class:`~kdpipe.data.prepare.PreparedData`; ``runtime``: its device and layout).
         ``place=False`` leaves the images where they are: enough for :meth:`describe`."""
@@ -169,16 +178,17 @@ class TrainingBatches:
         split = place_split(data.train, runtime.device) if place else data.train
         return cls(split, batch_size, seed, pad, flip,
                    Normalizer.from_meta(data.meta["mean"], data.meta["std"], runtime.device),
-                   runtime.memory_format, runtime.device, augment.mix, float(augment.mix_alpha), data.num_classes)
+                   runtime.memory_format, runtime.device, augment.mix, float(augment.mix_alpha), data.num_classes,
+                   group)
 
     @property
     def steps(self) -> int:
-        """Batches per epoch."""
+        """Batches per epoch (global batches: the same for every process of a group)."""
         return -(-len(self.split) // self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         return train_batches(self.split, self.batch_size, self.seed, epoch, self.pad, self.flip, self.normalize,
-                             self.memory_format, self.device, self.mix, self.mix_alpha, self.num_classes)
+                             self.memory_format, self.device, self.mix, self.mix_alpha, self.num_classes, self.group)
 
     def describe(self) -> dict:
         """Everything that decides the batches, besides the training images themselves
