@@ -63,6 +63,7 @@ INVALID = [
      "[0.5, 50.0]"),
     ("temperature so large every output is uniform", with_value("kd.temperature", 1000), "kd.temperature", "=1000.0 "),
     ("negative timing threads", with_value("evaluate.timing_threads", -1), "evaluate.timing_threads", "=-1 "),
+    ("zero training processes", with_value("runtime.nproc", 0), "runtime.nproc", "=0 "),
     ("teacher epochs zero", with_value("teacher.epochs", 0), "teacher.epochs", "=0 "),
     ("student epochs negative", with_value("student.epochs", -3), "student.epochs", "=-3 "),
     ("teacher batch size zero", with_value("teacher.batch_size", 0), "teacher.batch_size", "=0 "),
