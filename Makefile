@@ -9,6 +9,7 @@ export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 DATA   ?=
 N      ?= 3
 FIRST  ?= 1
+TEST_WORKERS ?= 2
 .PHONY: setup help repro exp exp-show compare presets replicate test ui clean-venv
 
 setup: $(STAMP)  ## create .venv and install the pinned dependencies and kdpipe (idempotent)
@@ -45,8 +46,8 @@ compare: setup  ## the HEAD run and its DVC experiments on one screen: changed p
 presets: setup  ## list the data-set presets
 	@$(BIN)/python -m kdpipe.presets --list
 
-test: setup  ## run the test suite
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+test: setup  ## run the test suite in TEST_WORKERS=2 parallel processes (a test file stays in one)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ui: setup  ## the MLflow UI on the project's tracking store, on 127.0.0.1 only; prints the runs table's address
 	@echo "MLflow runs table: $$($(BIN)/kdpipe ui-url --port $${PORT:-5000} 2>/dev/null || echo http://127.0.0.1:$${PORT:-5000})"

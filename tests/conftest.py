@@ -18,6 +18,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs files in parallel workers: one thread each, or they make each other wait
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 
 def make_prepared(n_train: int = 64, n_val: int = 32, n_test: int = 32, channels: int = 1, size: int = 8,
                   classes: int = 4, flip: bool = False, seed: int = 0) -> PreparedData:
