@@ -10,7 +10,16 @@ DATA   ?=
 N      ?= 3
 FIRST  ?= 1
 TEST_WORKERS ?= 2
-.PHONY: setup help repro exp exp-show compare presets replicate test ui clean-venv
+JOBS   ?= 1
+T      ?= 1,2,4
+ALPHA  ?= 0.5,0.9
+TARGET ?= evaluate
+# make server: the team tracking server's database (any SQLAlchemy URI, e.g. postgresql://user:pass@host:5432/mlflow
+# with psycopg2 installed) and where it keeps the artifacts it proxies (a folder, or s3://... with boto3)
+SERVER_DIR ?= mlflow-server
+BACKEND    ?= sqlite:///$(CURDIR)/$(SERVER_DIR)/mlflow.db
+ARTIFACTS  ?= $(CURDIR)/$(SERVER_DIR)/artifacts
+.PHONY: setup help repro exp exp-show compare presets replicate sweep test ui server clean-venv
 
 setup: $(STAMP)  ## create .venv and install the pinned dependencies and kdpipe (idempotent)
 
@@ -30,9 +39,13 @@ exp: setup  ## a DVC experiment on DATA's preset (-S flags; params.yaml is left 
 	@test -n "$(DATA)" || { echo "error: name the data set, e.g. make exp DATA=cifar10 (see make presets)." >&2; exit 2; }
 	flags="$$($(BIN)/python -m kdpipe.presets $(DATA) --flags)" && PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run $$flags $(ARGS)
 
-replicate: setup  ## N seed replicates of the committed run (only student.seed varies) through DVC's queue, then their table: make replicate N=3 [FIRST=1]
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate --seeds $(N) --first $(FIRST)
+replicate: setup  ## N seed replicates of the committed run (only student.seed varies) through DVC's queue, then their table: make replicate N=3 [FIRST=1] [JOBS=1]
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate --seeds $(N) --first $(FIRST) --jobs $(JOBS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe replicate-report --out reports/replicates
+
+sweep: setup  ## a kd.temperature x kd.alpha grid through DVC's queue on JOBS workers, each logging to MLFLOW_TRACKING_URI, then its heatmap and table: make sweep T=1,2,4 ALPHA=0.5,0.9 [JOBS=1] [TARGET=evaluate]
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe sweep --temperatures $(T) --alphas $(ALPHA) --jobs $(JOBS) $(if $(TARGET),--target $(TARGET))
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/kdpipe sweep-report --out reports/sweep
 
 # exp show columns that move on every run or repeat the headline (timings, intervals, deployment detail)
 EXP_SHOW_DROP := best\..*|models\..*|.*\.(pytorch|ort_fp32|ort_int8)\..*|metrics/timing/.*|machine\..*|.*ci95.*|.*mcnemar.*|.*gap_closed|.*best_epoch|.*best_val_accuracy|.*accuracy_vs_teacher|.*accuracy_diff.*|Created|data/.*|metrics$$|models$$|plots.*|src/.*|stages/.*
@@ -50,8 +63,16 @@ test: setup  ## run the test suite in TEST_WORKERS=2 parallel processes (a test 
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ui: setup  ## the MLflow UI on the project's tracking store, on 127.0.0.1 only; prints the runs table's address
-	@echo "MLflow runs table: $$($(BIN)/kdpipe ui-url --port $${PORT:-5000} 2>/dev/null || echo http://127.0.0.1:$${PORT:-5000})"
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $${PORT:-5000}
+	@case "$${MLFLOW_TRACKING_URI:-}" in \
+	  http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server, which is its own UI: open $$MLFLOW_TRACKING_URI";; \
+	  *) echo "MLflow runs table: $$($(BIN)/kdpipe ui-url --port $${PORT:-5000} 2>/dev/null || echo http://127.0.0.1:$${PORT:-5000})" && \
+	     set -x && $(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $${PORT:-5000};; \
+	esac
+
+server: setup  ## a team MLflow tracking server on 127.0.0.1:PORT (5000): runs in SQLite under mlflow-server/ (BACKEND=postgresql://... for PostgreSQL), artifacts proxied into mlflow-server/artifacts
+	@mkdir -p "$(SERVER_DIR)"
+	@echo "MLflow tracking server; point the pipeline at it with: export MLFLOW_TRACKING_URI=http://127.0.0.1:$${PORT:-5000}"
+	$(BIN)/mlflow server --backend-store-uri "$(BACKEND)" --artifacts-destination "$(ARTIFACTS)" --host 127.0.0.1 --port $${PORT:-5000} $(SERVER_ARGS)
 
 clean-venv:  ## remove .venv
 	rm -rf $(VENV)

@@ -72,3 +72,31 @@ def build_method(method: str, student: nn.Module, teacher: nn.Module | TeacherLo
     method's inputs and its settings resolved from ``kd`` (see :func:`method_settings`)."""
     inputs = method_inputs(student, teacher, label_smoothing, input_shape, meta)
     return METHODS.get(method).factory(inputs, method_settings(method, **kd))
+
+
+# Tiny epochs, three KD methods: the reproduced project that test_e2e_kd_methods.py and
+# test_e2e_team.py share (one `dvc repro` for both: CI time).
+KD_METHODS_TINY_PARAMS = {
+    "teacher.epochs": 1, "teacher.batch_size": 128, "student.epochs": 1, "student.batch_size": 128,
+    "kd.methods": ["logit", "attention", "dkd"],
+    "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2, "evaluate.wait_alone_s": 0, "evaluate.batch_size": 512,
+    "mlflow.log_models": False,
+    "runtime.threads": 1,  # two shared cores: one thread each is fastest
+}
+
+
+@pytest.fixture(scope="session")
+def kd_methods_project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A tiny-epoch copy of the project, reproduced (``dvc repro``) and committed with kd.methods
+    [logit, attention, dkd]. Shared by modules: a test that changes it puts it back (experiments
+    removed, workspace checked out)."""
+    import subprocess
+
+    from tests.dvc_project import make_dvc_project
+
+    root, env = make_dvc_project(tmp_path_factory.mktemp("kd_e2e"), KD_METHODS_TINY_PARAMS,
+                                 env={"PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"})
+    for cmd in (["dvc", "repro"], ["git", "add", "-A"], ["git", "commit", "-qm", "reproduced"]):
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return root, env

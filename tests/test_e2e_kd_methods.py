@@ -21,17 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dvc_project import make_dvc_project
-
 pytestmark = pytest.mark.e2e
-
-TINY_PARAMS = {
-    "teacher.epochs": 1, "teacher.batch_size": 128, "student.epochs": 1, "student.batch_size": 128,
-    "kd.methods": ["logit", "attention", "dkd"],
-    "evaluate.latency_warmup": 0, "evaluate.latency_runs": 2, "evaluate.wait_alone_s": 0, "evaluate.batch_size": 512,
-    "mlflow.log_models": False,
-    "runtime.threads": 1,  # two shared cores: one thread each is fastest
-}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -40,15 +30,10 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> 
     return out
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A tiny-epoch copy of the project, reproduced and committed with kd.methods [logit, attention, dkd]."""
-    root, env = make_dvc_project(tmp_path_factory.mktemp("kd_e2e"), TINY_PARAMS,
-                                 env={"PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"})
-    _run(["dvc", "repro"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "reproduced"], root, env)
-    return root, env
+@pytest.fixture
+def project(kd_methods_project) -> tuple[Path, dict[str, str]]:
+    """The reproduced, committed tiny project with kd.methods [logit, attention, dkd] (conftest.py)."""
+    return kd_methods_project
 
 
 def stages_run(output: str) -> set[str]:

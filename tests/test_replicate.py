@@ -26,8 +26,9 @@ from kdpipe.config import parse_params
 from kdpipe.data.prepare import SPLITS
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.io import save_torch, write_json
-from kdpipe.replicate import (Replicate, collect_replicates, markdown_table, paired_diff, queue_states,
-                              replicate_report, resolved_student_seed, run_replicates, summarize, t_quantile)
+from kdpipe.expqueue import queue_states
+from kdpipe.replicate import (Replicate, collect_replicates, markdown_table, paired_diff, replicate_report,
+                              resolved_student_seed, run_replicates, summarize, t_quantile)
 from kdpipe.sweep import exp_commits
 from kdpipe.teacher_targets import build_teacher_targets
 from kdpipe.workflow import distill, train_baseline, train_teacher

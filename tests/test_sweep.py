@@ -1,5 +1,6 @@
-"""kdpipe sweep-report on a synthetic ``dvc exp show --json`` (the real queue is exercised in
-tests/test_e2e_kd_methods.py)."""
+"""kdpipe sweep (the grid through the queue, dvc replaced by a recording fake) and kdpipe
+sweep-report on a synthetic ``dvc exp show --json`` (the real queue is exercised in
+tests/test_e2e_kd_methods.py and, with parallel workers and an MLflow server, tests/test_e2e_team.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 
 from kdpipe.cli import main
 from kdpipe.errors import KdpipeError
-from kdpipe.sweep import collect_rows, experiment_records, grid, sweep_report, why_no_rows
+from kdpipe.sweep import (collect_rows, experiment_records, grid, grid_experiments, run_sweep, sweep_report,
+                          why_no_rows)
+from tests.test_replicate import FakeDvc
 
 
 def _rev(name, t, a, acc, ts, baseline=90.0, error=None):
@@ -120,3 +123,54 @@ def test_rows_from_a_real_dvc_exp_show():
     assert sorted(r.evaluation["baseline"]["test_accuracy"] for r in records) == [94.7955, 95.1673, 97.026]
     # they are seed replicates (student.seed differs from the commit's), not points of a T×α sweep
     assert collect_rows(real, "logit") == []
+
+
+# ---- kdpipe sweep: the grid through DVC's queue ---------------------------------------------
+
+GRID_STATUS = """Task     Name             Created    Status
+4c67a01  sweep-T1-a0.5    06:34 AM   {a}
+ef6c1fb  sweep-T1-a0.9    06:34 AM   {b}
+ab12cd3  sweep-T4-a0.5    06:34 AM   {c}
+9f8e7d6  sweep-T4-a0.9    06:34 AM   {d}
+
+Worker status: 2 active, 0 idle
+"""
+
+
+def test_sweep_queues_one_named_experiment_per_point_and_runs_them_with_n_workers():
+    dvc = FakeDvc([GRID_STATUS.format(a="Running", b="Running", c="Queued", d="Queued"),
+                   GRID_STATUS.format(a="Success", b="Success", c="Success", d="Success")])
+    lines = []
+    states = run_sweep([1, 4], [0.5, 0.9], jobs=2, sets=["kd.methods=[logit]"], targets=["evaluate"],
+                       poll_seconds=0, runner=dvc, log=lines.append)
+    assert list(states) == ["sweep-T1-a0.5", "sweep-T1-a0.9", "sweep-T4-a0.5", "sweep-T4-a0.9"]
+    assert dvc.calls[0] == ["exp", "list", "--name-only"]
+    assert dvc.calls[1] == ["exp", "run", "--queue", "-n", "sweep-T1-a0.5", "-S", "kd.temperature=1", "-S",
+                            "kd.alpha=0.5", "-S", "kd.methods=[logit]", "evaluate"]
+    assert [c[4] for c in dvc.calls[1:5]] == list(states)
+    assert dvc.calls[5:] == [["queue", "start", "-j", "2"], ["queue", "status"], ["queue", "status"]]
+    assert "sweep-T4-a0.9: Queued" in lines and "sweep-T4-a0.9: Success" in lines
+
+
+def test_sweep_refuses_bad_values_and_taken_names_before_queueing_anything():
+    with pytest.raises(KdpipeError, match="kd.alpha"):
+        grid_experiments([2], [0.5, 1.5])
+    with pytest.raises(KdpipeError, match="kd.temperature"):
+        grid_experiments([0], [0.5])
+    assert [name for name, _ in grid_experiments([2, 2.5, 2], [0.9])] == ["sweep-T2-a0.9", "sweep-T2.5-a0.9"]
+    dvc = FakeDvc([], existing="sweep-T2-a0.9\n")
+    with pytest.raises(KdpipeError, match=r"sweep-T2-a0.9 already exist for this commit; remove them "
+                                          r"\(dvc exp remove sweep-T2-a0.9\)"):
+        run_sweep([2], [0.5, 0.9], runner=dvc)
+    assert not [c for c in dvc.calls if c[:2] == ["exp", "run"]]
+    failed = FakeDvc([GRID_STATUS.format(a="Success", b="Failed", c="Success", d="Success")])
+    with pytest.raises(KdpipeError, match=r"1 of 4 sweep experiments failed \(sweep-T1-a0.9\); "
+                                          r"see dvc queue logs sweep-T1-a0.9"):
+        run_sweep([1, 4], [0.5, 0.9], poll_seconds=0, runner=failed, log=lambda _: None)
+
+
+def test_sweep_cli_says_what_is_wrong_with_its_numbers(capsys):
+    assert main(["sweep", "--temperatures", "1,two", "--alphas", "0.5"]) == 2
+    assert "--temperatures '1,two': expected numbers separated by commas" in capsys.readouterr().err
+    assert main(["sweep", "--temperatures", "1", "--alphas", "0.5", "--jobs", "0"]) == 2
+    assert "--jobs 0: expected --jobs >= 1." in capsys.readouterr().err

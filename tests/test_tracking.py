@@ -490,6 +490,26 @@ def test_a_stage_killed_by_sigkill_leaves_a_running_run_that_the_next_stage_ends
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
 
 
+def test_only_this_machines_runs_are_ended_when_their_process_is_gone(tmp_repo, monkeypatch):
+    """On a team server another machine's RUNNING stage run has a pid that means nothing here: it
+    is left alone. A run without a host tag (older kdpipe) counts as local only in a local store."""
+    from mlflow.tracking import MlflowClient
+
+    root, _ = tmp_repo
+    client = client_for(root)
+    experiment_id = client.create_experiment("hosts")
+    dead = 2 ** 22 + 17  # above the default pid_max: no such process
+    here, elsewhere, untagged = (
+        client.create_run(experiment_id, tags={tracking.PID_TAG: str(dead), **tags}).info.run_id
+        for tags in ({tracking.HOST_TAG: tracking.socket.gethostname()}, {tracking.HOST_TAG: "colleague-laptop"}, {}))
+
+    tracking._stale_runs_killed(client, experiment_id, "http://127.0.0.1:5000")  # a server: untagged is not ours
+    assert [client.get_run(r).info.status for r in (here, elsewhere, untagged)] == ["KILLED", "RUNNING", "RUNNING"]
+    tracking._stale_runs_killed(MlflowClient(f"sqlite:///{root}/mlflow.db"), experiment_id,
+                                f"sqlite:///{root}/mlflow.db")
+    assert [client.get_run(r).info.status for r in (elsewhere, untagged)] == ["RUNNING", "KILLED"]
+
+
 def test_sigterm_and_ctrl_c_end_the_run_as_killed(tmp_repo, monkeypatch):
     from kdpipe.stage import Terminated
 

@@ -1,6 +1,7 @@
 """The ``kdpipe`` command (``[project.scripts]``): helpers around the DVC pipeline.
 
     kdpipe compare [--input exp_show.json]
+    kdpipe sweep --temperatures 1,2,4 --alphas 0.5,0.9 [--jobs 2] [--set KEY=VALUE] [--target STAGE]
     kdpipe sweep-report [--out reports/sweep] [--method logit] [--input exp_show.json]
     kdpipe replicate --seeds N [--first 1] [--jobs 1]
     kdpipe replicate-report [--out reports/replicates] [--input exp_show.json]
@@ -49,13 +50,36 @@ def _sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str, option: str) -> list[float]:
+    """``1,2,4`` as numbers, or one sentence naming the option."""
+    try:
+        return [float(token) for token in text.split(",") if token.strip()]
+    except ValueError:
+        raise KdpipeError(f"{option} {text!r}: expected numbers separated by commas, e.g. {option} 1,2,4.") from None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from kdpipe.expqueue import tracking_note
+    from kdpipe.sweep import run_sweep
+
+    if args.jobs < 1:
+        raise KdpipeError(f"--jobs {args.jobs}: expected --jobs >= 1.")
+    temperatures, alphas = _numbers(args.temperatures, "--temperatures"), _numbers(args.alphas, "--alphas")
+    print(tracking_note(args.repo))
+    states = run_sweep(temperatures, alphas, args.repo, args.jobs, args.set, args.target, timeout_seconds=args.timeout)
+    print(f"{len(states)} sweep experiments finished; draw them with: kdpipe sweep-report --out reports/sweep")
+    return 0
+
+
 def _replicate(args: argparse.Namespace) -> int:
+    from kdpipe.expqueue import tracking_note
     from kdpipe.replicate import run_replicates
 
     if args.seeds < 1 or args.first < 0 or args.jobs < 1:
         raise KdpipeError(f"--seeds {args.seeds} --first {args.first} --jobs {args.jobs}: expected --seeds >= 1, "
                           "--first >= 0 and --jobs >= 1.")
     seeds = list(range(args.first, args.first + args.seeds))
+    print(tracking_note(args.repo))
     states = run_replicates(seeds, args.repo, args.jobs, timeout_seconds=args.timeout)
     print(f"{len(states)} replicates finished ({', '.join(states)}); "
           "aggregate them with: kdpipe replicate-report --out reports/replicates")
@@ -103,6 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "its change against the HEAD run. Timings are left out (metrics/timing/).")
     _exp_show_source(cmp)
     cmp.set_defaults(func=_compare)
+
+    grid = sub.add_parser(
+        "sweep", help="queue a kd.temperature × kd.alpha grid and run it with N parallel workers",
+        description="Queue one DVC experiment per grid point (dvc exp run --queue -n sweep-T<t>-a<a> "
+                    "-S kd.temperature=<t> -S kd.alpha=<a>), start N queue workers (dvc queue start -j N) and wait "
+                    "for all of them; then kdpipe sweep-report draws the grid. Every worker logs to the MLflow "
+                    "store of MLFLOW_TRACKING_URI as set here (e.g. a team server, make server).")
+    grid.add_argument("--temperatures", required=True, help="kd.temperature values, e.g. 1,2,4")
+    grid.add_argument("--alphas", required=True, help="kd.alpha values, e.g. 0.5,0.9")
+    grid.add_argument("--jobs", type=int, default=1, help="parallel queue workers (default: 1)")
+    grid.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="another -S override for every point, e.g. --set 'kd.methods=[logit]' (repeatable)")
+    grid.add_argument("--target", action="append", default=[], metavar="STAGE",
+                      help="run each experiment up to this stage only, e.g. --target evaluate (repeatable)")
+    grid.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    grid.add_argument("--repo", default=".", help="the project to run dvc in (default: .)")
+    grid.set_defaults(func=_sweep)
 
     sweep = sub.add_parser(
         "sweep-report", help="heatmap and table of a T×alpha sweep from 'dvc exp show --json'",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from kdpipe import paths
 from kdpipe.errors import KdpipeError
+from kdpipe.expqueue import run_queued
 from kdpipe.sweep import EVALUATION_FILE, ExpRecord, exp_commits, run_exp_show
 
 NAME_PREFIX = "seed-"
@@ -35,7 +35,6 @@ FIGURE_FILE = "replicates.png"
 # Inputs a replicate must share with the baseline commit: the split, the teacher and the code.
 FIXED_DEPS = ("data/prepared", paths.model_path(paths.TEACHER).as_posix())
 CODE_DIRS = ("src/", "stages/")
-FINAL_STATES = ("Success", "Failed")
 
 
 def experiment_name(seed: int) -> str:
@@ -43,30 +42,6 @@ def experiment_name(seed: int) -> str:
 
 
 # ---- running them ---------------------------------------------------------------------------
-
-
-def _dvc(args: Sequence[str], repo: str | Path, runner: Callable[..., Any]) -> str:
-    cmd = ["dvc", *args]
-    try:
-        out = runner(cmd, cwd=repo, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise KdpipeError("the dvc command is not on PATH; activate the project's virtual environment.") from None
-    if out.returncode != 0:
-        last = (out.stderr or out.stdout or "").strip().splitlines()[-1:] or ["?"]
-        raise KdpipeError(f"'{' '.join(cmd)}' failed in {repo}: {last[0]}")
-    return out.stdout
-
-
-def queue_states(status_output: str, names: Sequence[str]) -> dict[str, str]:
-    """The state (Queued, Running, Success, Failed, ...) of each of ``names`` in the output of
-    ``dvc queue status`` (a table: task, name, created, status)."""
-    states = {}
-    for line in status_output.splitlines():
-        tokens = line.split()
-        for name in names:
-            if name in tokens[1:-1]:
-                states[name] = tokens[-1]
-    return states
 
 
 def run_replicates(seeds: Sequence[int], repo: str | Path = ".", jobs: int = 1, poll_seconds: float = 5.0,
@@ -77,37 +52,9 @@ def run_replicates(seeds: Sequence[int], repo: str | Path = ".", jobs: int = 1, 
     seeds = list(dict.fromkeys(seeds))
     if not seeds:
         raise KdpipeError("no seeds to run; pass --seeds N (N >= 1).")
-    names = [experiment_name(s) for s in seeds]
-    existing = set(_dvc(["exp", "list", "--name-only"], repo, runner).split())
-    taken = [n for n in names if n in existing]
-    if taken:
-        raise KdpipeError(f"experiments {', '.join(taken)} already exist for this commit; remove them "
-                          f"(dvc exp remove {' '.join(taken)}) or start at another seed (--first).")
-    for seed, name in zip(seeds, names):
-        _dvc(["exp", "run", "--queue", "-n", name, "-S", f"student.seed={seed}"], repo, runner)
-        log(f"queued {name} (student.seed={seed})")
-    _dvc(["queue", "start", "-j", str(jobs)], repo, runner)
-    log(f"started {jobs} worker(s); waiting for {len(names)} experiment(s)")
-    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-    seen: dict[str, str] = {}
-    while True:
-        states = queue_states(_dvc(["queue", "status"], repo, runner), names)
-        for name, state in states.items():
-            if state != seen.get(name):
-                log(f"{name}: {state}")
-        seen.update(states)
-        if all(seen.get(n) in FINAL_STATES for n in names):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            where = ", ".join(f"{n}: {seen.get(n, '?')}" for n in names)
-            raise KdpipeError(f"the replicates did not finish within {timeout_seconds:g}s ({where}); "
-                              "see dvc queue status.")
-        time.sleep(poll_seconds)
-    failed = [n for n in names if seen[n] != "Success"]
-    if failed:
-        raise KdpipeError(f"{len(failed)} of {len(names)} replicates failed ({', '.join(failed)}); "
-                          f"see dvc queue logs {failed[0]}.")
-    return {n: seen[n] for n in names}
+    experiments = [(experiment_name(s), ["-S", f"student.seed={s}"]) for s in seeds]
+    return run_queued(experiments, repo, jobs, poll_seconds, timeout_seconds, runner, log, what="replicates",
+                      taken_hint=" or start at another seed (--first)")
 
 
 # ---- which runs are replicates --------------------------------------------------------------

@@ -4,11 +4,15 @@ student's test accuracy as a heatmap plus a sorted markdown table.
 The parsing of ``dvc exp show --json`` (:func:`run_exp_show`, :func:`exp_commits`,
 :class:`ExpRecord`) lives here and is shared with :mod:`kdpipe.replicate`.
 
-The grid itself is DVC's::
+The grid is DVC's queue, one named experiment per point (:func:`run_sweep`, through
+:mod:`kdpipe.expqueue` like ``kdpipe replicate``)::
 
-    dvc exp run --queue -S 'kd.temperature=1,2,3,4,5' -S 'kd.alpha=0.1,0.3,0.5,0.7,0.9'
-    dvc queue start
+    kdpipe sweep --temperatures 1,2,4 --alphas 0.5,0.9 --jobs 2 [--target evaluate]
     kdpipe sweep-report --out reports/sweep
+
+which is ``dvc exp run --queue -n sweep-T<t>-a<a> -S kd.temperature=<t> -S kd.alpha=<a>`` per
+point and ``dvc queue start -j 2``; DVC's own grid syntax (``-S 'kd.temperature=1,2,4'``)
+works as well, with random names.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from kdpipe.errors import KdpipeError
 
 PARAMS_FILE = "params.yaml"
 EVALUATION_FILE = "metrics/evaluation.json"
+NAME_PREFIX = "sweep-"
 
 
 @dataclass(frozen=True)
@@ -243,3 +248,46 @@ def sweep_report(out_dir: str | Path, method: str = "logit", exp_show: Any = Non
         tmp.write_text(f"# T×α sweep: {model}\n\n{len(rows)} experiments, best first.\n\n"
                        + markdown_table(rows, method))
     return rows
+
+
+# ---- running a grid ---------------------------------------------------------------------------
+
+
+def _value(number: float) -> str:
+    """A number as -S takes it and a name shows it: 2, 0.5, 0.125 (every digit kept)."""
+    return str(int(number)) if float(number).is_integer() else repr(float(number))
+
+
+def point_name(temperature: float, alpha: float) -> str:
+    """The experiment name of a grid point: ``sweep-T<t>-a<alpha>`` (e.g. sweep-T2-a0.5)."""
+    return f"{NAME_PREFIX}T{_value(temperature)}-a{_value(alpha)}"
+
+
+def grid_experiments(temperatures: Sequence[float], alphas: Sequence[float], sets: Sequence[str] = (),
+                     targets: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+    """One (name, ``dvc exp run`` arguments) per (T, α), T-major; every value checked by the params
+    validation first, so a bad one stops here and not in each queued experiment."""
+    from kdpipe.config import parse_params
+
+    temperatures, alphas = list(dict.fromkeys(temperatures)), list(dict.fromkeys(alphas))
+    if not temperatures or not alphas:
+        raise KdpipeError("a sweep needs at least one temperature and one alpha, e.g. --temperatures 1,2,4 "
+                          "--alphas 0.5,0.9.")
+    for t in temperatures:
+        for a in alphas:
+            parse_params({"kd": {"temperature": t, "alpha": a}})
+    extra = [arg for s in sets for arg in ("-S", s)]
+    return [(point_name(t, a), ["-S", f"kd.temperature={_value(t)}", "-S", f"kd.alpha={_value(a)}", *extra, *targets])
+            for t in temperatures for a in alphas]
+
+
+def run_sweep(temperatures: Sequence[float], alphas: Sequence[float], repo: str | Path = ".", jobs: int = 1,
+              sets: Sequence[str] = (), targets: Sequence[str] = (), poll_seconds: float = 5.0,
+              timeout_seconds: float | None = None, runner: Callable[..., Any] = subprocess.run,
+              log: Callable[[str], None] = print) -> dict[str, str]:
+    """Queue the T×α grid (:func:`grid_experiments`), run it with ``jobs`` workers and wait;
+    return name -> final state."""
+    from kdpipe.expqueue import run_queued
+
+    return run_queued(grid_experiments(temperatures, alphas, sets, targets), repo, jobs, poll_seconds,
+                      timeout_seconds, runner, log, what="sweep experiments")

@@ -12,6 +12,11 @@ DVC experiments and MLflow runs line up.
   The parent is named after the DVC experiment, or ``workspace @ <short rev>`` for a plain
   ``dvc repro``; it is created FINISHED (it never stays RUNNING), every stage moves its end
   time, and a failed stage marks it FAILED.
+* **Queued and parallel experiments.** ``dvc queue start -j N`` runs each experiment in a
+  temporary copy, but with ``DVC_ROOT`` set to the repository, so the default store below is the
+  project's; each experiment's stages share its ``dvc exp exec-run`` process, hence one parent per
+  experiment. On a team server (``MLFLOW_TRACKING_URI``) runs of several machines meet: a stage
+  ends only runs of its own machine (tag ``kdpipe.host``) whose process is gone.
 * **Test accuracy on each model's own run.** :func:`log_model_results` (called by ``evaluate``)
   logs every model's test accuracy into the run that trained it.
 * **Runs table first.** kdpipe creates its experiment with ``mlflow.experimentKind`` =
@@ -29,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -54,6 +60,7 @@ EXPERIMENT_KIND = "custom_model_development"
 PARENT_TAG = "mlflow.parentRunId"
 EXECUTION_TAG = "kdpipe.execution"
 PID_TAG = "kdpipe.pid"  # on a stage run: its process, so a run left RUNNING by a SIGKILL can be ended
+HOST_TAG = "kdpipe.host"  # on a stage run: the machine of that process (a team server holds runs of many)
 RUN_KIND_TAG = "kdpipe.run_kind"  # "pipeline" on parent runs, "stage" on stage runs
 MODEL_DIGEST_TAG = "kdpipe.model_sha256"  # on a training run: the sha256 of the model file it wrote
 ROOT_TAG = "kdpipe.project_root"  # on the experiment: the project root its artifact locations are under
@@ -516,12 +523,19 @@ def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
     return None
 
 
-def _stale_runs_killed(client: Any, experiment_id: str) -> None:
-    """Mark KILLED the stage runs still RUNNING whose process is gone (a SIGKILL)."""
+def _stale_runs_killed(client: Any, experiment_id: str, tracking_uri: str) -> None:
+    """Mark KILLED the stage runs still RUNNING whose process is gone (a SIGKILL).
+
+    Only this machine's runs: on a team server another machine's pid says nothing here. A run
+    without a host tag (an older kdpipe) counts as this machine's only in a local store."""
     import psutil
 
+    host = socket.gethostname()
+    local = _is_local_store(tracking_uri)
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200):
         pid = run.data.tags.get(PID_TAG)
+        if run.data.tags.get(HOST_TAG, host if local else None) != host:
+            continue
         if pid and pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
 
@@ -559,12 +573,13 @@ def _open_stage_run(stage: str, params: Params, method: str | None) -> tuple[Any
     try:
         if problem is None:
             mlflow, client, experiment_id, root = _setup(params)
-            _stale_runs_killed(client, experiment_id)
+            _stale_runs_killed(client, experiment_id, uri)
             execution = current_execution(params, root)
             run_name = f"{stage}@{method}" if method else stage
             parent_id = find_parent(client, experiment_id, execution, run_name) or create_parent(
                 client, experiment_id, execution, params)
-            tags = {**_run_tags(params, execution, stage, method), RUN_KIND_TAG: "stage", PID_TAG: str(os.getpid())}
+            tags = {**_run_tags(params, execution, stage, method), RUN_KIND_TAG: "stage", PID_TAG: str(os.getpid()),
+                    HOST_TAG: socket.gethostname()}
             mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags, parent_run_id=parent_id)
             mlflow.log_params(_params(params))
             return mlflow, client, parent_id
