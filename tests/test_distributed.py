@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import yaml
 from kdpipe import distributed
 from kdpipe.config import parse_params
 from kdpipe.data.loader import TrainingBatches
-from kdpipe.data.prepare import save_prepared
+from kdpipe.data.prepare import write_prepared
 from kdpipe.distributed import Distributed
 from kdpipe.errors import KdpipeError
 from kdpipe.runtime import setup_runtime
@@ -103,8 +102,7 @@ def test_a_stage_with_runtime_nproc_2_runs_under_torchrun_and_rank_0_alone_write
     """The real stage script relaunches itself under torchrun; one model, one metrics file and
     one MLflow stage run come out, and the workspace lock is released."""
     data = make_prepared(n_train=200, n_val=64, n_test=32, flip=False)
-    save_prepared(tmp_path / "data/prepared", {"train": data.train, "val": data.val, "test": data.test},
-                  SimpleNamespace(class_names=data.meta["class_names"], flip=False), "toy")
+    write_prepared(tmp_path / "data/prepared", data)
     shutil.copytree(PROJECT_ROOT / "stages", tmp_path / "stages")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["student"].update(epochs=3, batch_size=32)
@@ -135,8 +133,7 @@ def test_a_stage_with_runtime_nproc_2_runs_under_torchrun_and_rank_0_alone_write
 def test_a_failing_rank_fails_the_stage_with_its_sentence(tmp_path):
     """A user error inside the group reaches the user as kdpipe's sentence and a non-zero exit."""
     data = make_prepared(n_train=50, n_val=16, n_test=16)
-    save_prepared(tmp_path / "data/prepared", {"train": data.train, "val": data.val, "test": data.test},
-                  SimpleNamespace(class_names=data.meta["class_names"], flip=False), "toy")
+    write_prepared(tmp_path / "data/prepared", data)
     shutil.copytree(PROJECT_ROOT / "stages", tmp_path / "stages")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["student"].update(epochs=1, batch_size=16)  # 50 = 3×16 + 2: a last batch of 2 for 3 processes

@@ -13,6 +13,7 @@ from torch import nn
 from kdpipe import machine, models, paths
 from kdpipe.config import parse_params
 from kdpipe.data.loader import Normalizer
+from kdpipe.data.prepare import write_prepared
 from kdpipe.errors import ConfigError
 from kdpipe.evaluate import (
     compare_to_baseline,
@@ -25,7 +26,7 @@ from kdpipe.evaluate import (
     mlflow_metrics,
     per_class_accuracy,
 )
-from kdpipe.io import save_torch, write_csv, write_json
+from kdpipe.io import write_csv
 from tests.conftest import make_prepared
 
 
@@ -211,10 +212,7 @@ def test_evaluate_all_writes_the_paired_statistics(tmp_path, monkeypatch):
     """The evaluate stage on a synthetic project whose models give known answers."""
     monkeypatch.chdir(tmp_path)
     data = make_prepared(n_test=N_TEST, classes=4)
-    for split in ("train", "val", "test"):
-        part = getattr(data, split)
-        save_torch(paths.PREPARED_DIR / f"{split}.pt", {"images": part.images, "labels": part.labels})
-    write_json(paths.PREPARED_DIR / "meta.json", data.meta)
+    write_prepared(paths.PREPARED_DIR, data)
     labels = data.test.labels
     right = {paths.TEACHER: TEACHER_RIGHT, paths.BASELINE: BASELINE_RIGHT, "distilled_logit": STUDENT_RIGHT}
     for name in right:

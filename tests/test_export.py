@@ -14,12 +14,12 @@ import torch
 from kdpipe import machine, models, onnx_export, paths
 from kdpipe.config import parse_params
 from kdpipe.data.loader import Normalizer
+from kdpipe.data.prepare import write_prepared
 from kdpipe.errors import KdpipeError
 from kdpipe.evaluate import latency_summary, time_forward
 from kdpipe.export import (FP32_TOLERANCE, ORT_FP32, ORT_INT8, PYTORCH, check_fp32, export_all, export_model,
                            fastest, onnx_files, time_runtimes)
 from kdpipe.inference import predict_logits
-from kdpipe.io import save_torch, write_json
 from kdpipe.onnx_export import OPSET, export_onnx, onnx_metadata
 from kdpipe.onnx_runtime import OrtModel, read_metadata, session
 from kdpipe.onnx_runtime import predict_logits as ort_logits
@@ -230,10 +230,7 @@ def exported(tmp_path_factory):
         mp.chdir(root)
         mp.setattr(machine, "other_stage_processes", lambda: [])
         data = make_prepared(n_train=256, n_val=16, n_test=100, channels=1, size=8, classes=4, seed=5)
-        for split in ("train", "val", "test"):
-            part = getattr(data, split)
-            save_torch(paths.PREPARED_DIR / f"{split}.pt", {"images": part.images, "labels": part.labels})
-        write_json(paths.PREPARED_DIR / "meta.json", data.meta)
+        write_prepared(paths.PREPARED_DIR, data)
         saved_model(paths.model_path("teacher"), "resnet18", data.meta)
         train_student(data, paths.model_path("baseline"), seed=1)
         train_student(data, paths.model_path("distilled_logit"), seed=2)

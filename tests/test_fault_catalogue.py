@@ -118,6 +118,19 @@ def torch_save(rel: str, obj_factory: Callable[[], object]) -> Callable[[Path], 
     return lambda root: torch.save(obj_factory(), root / rel)
 
 
+def npy_save(rel: str, array: np.ndarray) -> Callable[[Path], None]:
+    return lambda root: np.save(root / rel, array)
+
+
+def older_prepared_format(root: Path) -> None:
+    """data/prepared as kdpipe wrote it before the image store: <split>.pt files."""
+    for split in ("train", "val", "test"):
+        (root / f"data/prepared/{split}_images.npy").unlink()
+        (root / f"data/prepared/{split}_labels.npy").unlink()
+        torch.save({"images": torch.zeros(4, 1, 8, 8, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.int64)},
+                   root / f"data/prepared/{split}.pt")
+
+
 def edit_logits(how: str) -> Callable[[Path], None]:
     def fault(root: Path) -> None:
         path = root / "data/teacher_targets/logits.npy"
@@ -221,10 +234,14 @@ CASES = [
     Case("missing extra teacher", remove("teachers/ensemble/second.pt"), "distill --method multi_teacher", 2,
          "teachers/ensemble/second.pt not found; train it"),
     # -- prepared data
-    Case("truncated prepared split", truncate("data/prepared/train.pt"), "train_student", 2,
-         "data/prepared/train.pt is truncated or corrupt", ("models/baseline.pt",)),
-    Case("a prepared split holding something else", torch_save("data/prepared/train.pt", lambda: {"x": 1}),
-         "train_student", 2, "data/prepared/train.pt is not a prepared split", ("models/baseline.pt",)),
+    Case("truncated prepared split", truncate("data/prepared/train_images.npy"), "train_student", 2,
+         "data/prepared/train_images.npy is truncated or corrupt", ("models/baseline.pt",)),
+    Case("a prepared split holding something else", npy_save("data/prepared/train_images.npy", np.zeros((4, 8))),
+         "train_student", 2, "data/prepared/train_images.npy is not a prepared split", ("models/baseline.pt",)),
+    Case("prepared labels that do not match the images", npy_save("data/prepared/val_labels.npy", np.zeros(3, np.int64)),
+         "train_student", 2, "data/prepared/val_labels.npy 3 labels", ("models/baseline.pt",)),
+    Case("prepared data of an older kdpipe", older_prepared_format, "train_student", 2,
+         "data/prepared is in the format of an older kdpipe (train.pt); rebuild it", ("models/baseline.pt",)),
     Case("prepared meta that is not JSON", write("data/prepared/meta.json", b"{oops"), "train_student", 2,
          "data/prepared/meta.json is not valid JSON", ("models/baseline.pt",)),
     Case("no prepared data", remove("data/prepared"), "train_student", 2,

@@ -23,9 +23,8 @@ import torch
 from kdpipe import models, paths
 from kdpipe.cli import main
 from kdpipe.config import parse_params
-from kdpipe.data.prepare import SPLITS
+from kdpipe.data.prepare import write_prepared
 from kdpipe.errors import ConfigError, KdpipeError
-from kdpipe.io import save_torch, write_json
 from kdpipe.expqueue import queue_states
 from kdpipe.replicate import (Replicate, collect_replicates, markdown_table, paired_diff, replicate_report,
                               resolved_student_seed, run_replicates, summarize, t_quantile)
@@ -274,10 +273,7 @@ def _same(a, b):
 def test_student_seed_changes_the_students_but_not_the_teacher(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = make_prepared(n_train=48, n_val=16, n_test=8)
-    for name in SPLITS:
-        split = getattr(data, name)
-        save_torch(paths.PREPARED_DIR / f"{name}.pt", {"images": split.images, "labels": split.labels})
-    write_json(paths.PREPARED_DIR / "meta.json", data.meta)
+    write_prepared(paths.PREPARED_DIR, data)
 
     default, other, explicit = _params(), _params(seed=5), _params(seed=0)
     assert (default.student_seed, other.student_seed, explicit.student_seed) == (0, 5, 0)

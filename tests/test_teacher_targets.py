@@ -14,11 +14,11 @@ import torch
 from kdpipe import models, paths
 from kdpipe.config import parse_params
 from kdpipe.data.loader import TrainingBatches
-from kdpipe.data.prepare import SPLITS, load_prepared
+from kdpipe.data.prepare import load_prepared, write_prepared
 from kdpipe.distill import CachedTeacher, OnlineTeacher
 from kdpipe.distill.base import BatchContext
 from kdpipe.errors import KdpipeError
-from kdpipe.io import file_digest, save_torch, write_json
+from kdpipe.io import file_digest
 from kdpipe.runtime import cpu_supports_bf16, setup_runtime
 from kdpipe.teacher_targets import (build_teacher_targets, compute_teacher_logits, fingerprint, load_cached_teacher,
                                     teacher_source, write_teacher_targets)
@@ -216,10 +216,7 @@ def project(tmp_path, monkeypatch):
     """A project directory with prepared data and a trained teacher, as the stages see it."""
     monkeypatch.chdir(tmp_path)
     params, runtime, data, teacher = _setup("off")
-    for name in SPLITS:
-        split = getattr(data, name)
-        save_torch(paths.PREPARED_DIR / f"{name}.pt", {"images": split.images, "labels": split.labels})
-    write_json(paths.PREPARED_DIR / "meta.json", data.meta)
+    write_prepared(paths.PREPARED_DIR, data)
     models.save(paths.model_path(paths.TEACHER), teacher, "resnet18", {}, data.meta)
     return teacher
 

@@ -3,7 +3,8 @@
 Nothing is copied into the project. ``download`` lists the files (relative path, split, class,
 size, sha256) into ``data/raw/<name>/manifest.json``, which DVC versions; ``prepare`` reads
 every listed file from the user's folder, refuses one whose bytes changed since, and decodes
-it (in parallel threads: PIL releases the GIL while decoding). So the prepared data always
+it (in parallel threads: PIL releases the GIL while decoding) into the prepare stage's image
+store, a chunk at a time. So the prepared data always
 matches the manifest, and the manifest names exactly which images a model was trained on.
 
 DVC notices a changed folder through ``check_params``: it depends on the folder (or the CSV)
@@ -16,7 +17,6 @@ import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kdpipe.data.images import UnreadableImage, decode_image
+from kdpipe.data.images import UnreadableImage, decode_image, map_in_order
 from kdpipe.data.sources import RawDataset
+from kdpipe.data.store import ImageStore, chunk_rows, take, with_channels
 from kdpipe.errors import KdpipeError
 from kdpipe.io import file_digest, read_json, write_json
 
@@ -119,7 +120,8 @@ def _read_checked(path: Path, sha256: str) -> bytes:
 
 
 def _decode_all(root: Path, files: list[dict], size: int, resize: str, name: str) -> Iterator[np.ndarray | str]:
-    """Decoded images in manifest order (a reason string for each file that cannot be decoded)."""
+    """Decoded images in manifest order (a reason string for each file that cannot be decoded),
+    decoded by parallel threads, at most a chunk of them waiting in memory at any time."""
     def one(item: dict) -> np.ndarray | str:
         path = root / item["path"]
         if not inside(path, root):
@@ -129,22 +131,21 @@ def _decode_all(root: Path, files: list[dict], size: int, resize: str, name: str
         except UnreadableImage as exc:
             return str(exc)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
-    try:
-        yield from tqdm(pool.map(one, files), total=len(files), desc=f"decoding {name}", unit="img", mininterval=1.0)
-    finally:
-        pool.shutdown(cancel_futures=True)  # after an error, do not decode the rest first
+    decoded = map_in_order(one, files, chunk_rows((3, size, size)))
+    yield from tqdm(decoded, total=len(files), desc=f"decoding {name}", unit="img", mininterval=1.0)
 
 
-def load_images(raw_dir: Path, root: Path, size: int, resize: str, name: str) -> RawDataset:
-    """Decode the manifest's files (read from ``root``) into a RawDataset at ``size``×``size``.
+def load_images(raw_dir: Path, root: Path, size: int, resize: str, name: str,
+                store: ImageStore | None = None) -> RawDataset:
+    """Decode the manifest's files (read from ``root``) into a RawDataset at ``size``×``size``,
+    writing them into ``store`` (None: memory) as they come.
 
     Images are 1-channel when every kept image is greyscale, else 3-channel (greys repeated).
     """
     manifest = read_manifest(raw_dir)
     classes, files = list(manifest["classes"]), list(manifest["files"])
     label_of = {c: i for i, c in enumerate(classes)}
-    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    writer = (store or ImageStore()).writer((3, size, size))  # row k: the k-th decodable file
     kept, grey = torch.zeros(len(files), dtype=torch.bool), True
     skipped = [f"{s['path']} ({s['reason']})" for s in manifest["skipped"]]
     failed: dict[str, str] = {}  # class -> its first unreadable training file
@@ -154,18 +155,22 @@ def load_images(raw_dir: Path, root: Path, size: int, resize: str, name: str) ->
             if item["split"] == "train":
                 failed.setdefault(item["label"], skipped[-1])
             continue
-        images[i] = torch.from_numpy(decoded)  # a 1×H×W grey image broadcasts into all three channels
+        writer.append(decoded)  # a 1×H×W grey image is repeated into all three channels
         grey = grey and decoded.shape[0] == 1
         kept[i] = True
+    images = writer.finish()
     skipped.sort()
     if skipped:
         print(f"skipped {len(skipped)} file(s) that are not usable images (hidden, empty, unreadable), "
               f"e.g. {skipped[0]}")
-    labels = torch.tensor([label_of[f["label"]] for f in files], dtype=torch.int64)
-    splits = {s: torch.tensor([f["split"] == s for f in files], dtype=torch.bool) & kept for s in SPLIT_NAMES}
+    labels = torch.tensor([label_of[f["label"]] for f in files], dtype=torch.int64)[kept]
+    split_of = [f["split"] for f, k in zip(files, kept.tolist()) if k]
+    splits = {s: torch.tensor([x == s for x in split_of], dtype=torch.bool) for s in SPLIT_NAMES}
     _check_decoded(labels[splits["train"]], classes, failed, name)
+    # every image grey: one channel (the grey value itself: the luma of equal R, G, B is that value)
     channels = 1 if grey and bool(kept.any()) else 3
-    tensors = {s: (images[mask, :channels].contiguous(), labels[mask]) for s, mask in splits.items()}
+    tensors = {s: (with_channels(take(images, torch.nonzero(mask).flatten()), channels), labels[mask])
+               for s, mask in splits.items()}
     # a split the user gave stays given, even when none of its files could be decoded
     given = {s: tensors[s] if any(f["split"] == s for f in files) else (None, None) for s in ("val", "test")}
     return RawDataset(

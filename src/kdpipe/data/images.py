@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -46,11 +53,24 @@ def read_image(path: str | Path | BinaryIO, size: int) -> np.ndarray | None:
         return None
 
 
-def stack_chw(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """Stack uint8 3×size×size arrays into an N×3×size×size tensor (N may be 0)."""
-    if not images:
-        return torch.empty((0, 3, size, size), dtype=torch.uint8)
-    return torch.from_numpy(np.stack(images))
+def map_in_order(fn: Callable[[T], R], items: Iterable[T], window: int, workers: int | None = None) -> Iterator[R]:
+    """``fn(item)`` for every item, in order, computed by a pool of threads (PIL releases the GIL
+    while decoding, so decoding runs on every core); at most ``window`` results wait in memory
+    at any time, however many items there are. An error is raised at its item; after it (or
+    when the caller stops early) nothing more is computed."""
+    pool = ThreadPoolExecutor(max_workers=workers or max(1, min(8, os.cpu_count() or 1)))
+    pending: deque[Future] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= max(1, window):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(cancel_futures=True)
 
 
 # --- image files of any kind (the imagefolder and csv sources) -----------------------------
@@ -144,9 +164,10 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         return images
     if channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous()
-    weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
-    out = []
-    for chunk in images.split(4096):
-        luma = (chunk.to(torch.int32) * weights).sum(dim=1, keepdim=True).add_(0x8000).bitwise_right_shift_(16)
-        out.append(luma.to(torch.uint8))
-    return torch.cat(out) if out else images.new_empty((0, 1, *images.shape[2:]))
+    out = images.new_empty((images.shape[0], 1, *images.shape[2:]))
+    for start in range(0, images.shape[0], 1024):  # int32 sums of one channel at a time: ~3× a chunk's bytes
+        chunk = images[start:start + 1024]
+        luma = chunk[:, 0:1].to(torch.int32).mul_(19595)
+        luma.add_(chunk[:, 1:2].to(torch.int32).mul_(38470)).add_(chunk[:, 2:3].to(torch.int32).mul_(7471))
+        out[start:start + 1024] = luma.add_(0x8000).bitwise_right_shift_(16).to(torch.uint8)
+    return out

@@ -1,6 +1,7 @@
-"""In-memory batches: the data set stays a uint8 tensor; each batch is gathered,
-augmented with :mod:`kdpipe.data.views` (crop, flip and, with ``data.augment.mix``, MixUp or
-CutMix with soft labels) and normalised in a few tensor ops."""
+"""Batches gathered by index: the data set stays a uint8 tensor (on the CPU: mapped from
+data/prepared, so it need not fit in memory); each batch is gathered, augmented with
+:mod:`kdpipe.data.views` (crop, flip and, with ``data.augment.mix``, MixUp or CutMix with soft
+labels) and normalised in a few tensor ops."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from kdpipe.data.views import MIX_KINDS, apply_mix, apply_views, epoch_order, ma
 
 def place_split(split: Split, device: torch.device, max_share: float = 0.25) -> Split:
     """The whole split on ``device`` when it fits (on a GPU: at most ``max_share`` of the free
-    memory), else in pinned CPU memory, from which batches are copied without blocking."""
+    memory), else left where it is on the CPU (for prepared data: mapped from its file, never
+    copied whole into memory): each batch is then gathered there and copied through pinned
+    memory without blocking (see :func:`train_batches`)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if split.images.numel() * split.images.element_size() > max_share * free:
-            return Split(split.images.cpu().pin_memory(), split.labels.cpu().pin_memory())
+            return Split(split.images.cpu(), split.labels.cpu())
     return Split(split.images.to(device), split.labels.to(device))
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from kdpipe import paths
 from kdpipe.config import Params
-from kdpipe.data.images import to_channels
+from kdpipe.data import store
 from kdpipe.data.prepare import SPLITS, class_counts, save_prepared, split_dataset
 from kdpipe.data.sources import SOURCES, RawDataset, image_size
 from kdpipe.io import write_json
@@ -46,21 +48,30 @@ def data_source(params: Params) -> dict[str, Any]:
 
 
 def with_channels(raw: RawDataset, channels: int | None) -> RawDataset:
-    """``raw`` with every split converted to ``data.channels`` (null: as the source gives it)."""
+    """``raw`` with every split converted to ``data.channels`` (null: as the source gives it);
+    images still in the store are converted a chunk at a time, as they are written out."""
     if channels is None:
         return raw
-    convert = {name: to_channels(getattr(raw, name), channels) for name in ("train_images", "val_images", "test_images")
-               if getattr(raw, name) is not None}
+    convert = {name: store.with_channels(getattr(raw, name), channels)
+               for name in ("train_images", "val_images", "test_images") if getattr(raw, name) is not None}
     return dataclasses.replace(raw, **convert)
 
 
 def prepare(params: Params) -> dict[str, Any]:
-    """Read the raw data, split it and write data/prepared/ plus metrics/data.json."""
+    """Read the raw data, split it and write data/prepared/ plus metrics/data.json.
+
+    The source decodes into a scratch image store next to data/prepared/ (removed at the end,
+    whatever happens); the splits are copied out of it a chunk at a time, so memory stays
+    bounded whatever the size of the data set."""
     source = SOURCES.get(params.data.name).factory
-    raw = source.load(raw_dir(params), params.data.source, image_size(params.data, source))
-    raw = with_channels(raw, params.data.channels)
-    splits = split_dataset(raw, params.data.val_fraction, params.data.test_fraction, params.seed)
-    meta = save_prepared(paths.PREPARED_DIR, splits, raw, params.data.name)
+    paths.PREPARED_DIR.parent.mkdir(parents=True, exist_ok=True)
+    # named like every temporary output (.*.tmp): a killed stage's scratch is found and removed
+    with tempfile.TemporaryDirectory(prefix=".prepare.", suffix=".tmp", dir=paths.PREPARED_DIR.parent) as scratch:
+        raw = source.read(raw_dir(params), params.data.source, image_size(params.data, source),
+                          store.ImageStore(Path(scratch)))
+        raw = with_channels(raw, params.data.channels)
+        splits = split_dataset(raw, params.data.val_fraction, params.data.test_fraction, params.seed)
+        meta = save_prepared(paths.PREPARED_DIR, splits, raw, params.data.name)
     summary = {
         "dataset": params.data.name,
         "classes": len(raw.class_names),

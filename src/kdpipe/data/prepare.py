@@ -1,8 +1,11 @@
 """Seeded stratified splits, normalisation statistics and the one prepared on-disk format.
 
-``data/prepared/`` holds ``train.pt``, ``val.pt``, ``test.pt`` (uint8 N×C×H×W images and
-int64 labels) and ``meta.json`` (class names, channels, size, mean/std, whether a
-horizontal flip keeps the label). Every later stage reads only this.
+``data/prepared/`` holds, for each split (train, val, test), ``<split>_images.npy`` (uint8
+N×C×H×W) and ``<split>_labels.npy`` (int64 N), plus ``meta.json`` (class names, channels, size,
+mean/std, whether a horizontal flip keeps the label). Every later stage reads only this.
+
+The images are written a chunk at a time and read memory-mapped (:mod:`kdpipe.data.store`):
+neither preparing nor training needs the data set to fit in memory.
 """
 
 from __future__ import annotations
@@ -12,18 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdpipe.data.sources import RawDataset
+from kdpipe.data import store
+from kdpipe.data.store import ImageRows, open_images, take, write_npy
 from kdpipe.errors import KdpipeError
-from kdpipe.io import load_torch, read_json, save_torch, write_json
+from kdpipe.io import atomic_dir, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 N×C×H×W
+    # uint8 N×C×H×W: loaded, a tensor (mapped from data/prepared, or in memory); while being
+    # prepared, possibly ImageRows still in the scratch store
+    images: torch.Tensor
     labels: torch.Tensor  # int64 N
 
     def __len__(self) -> int:
@@ -78,7 +86,10 @@ def stratified_split(
 
 def split_dataset(raw: RawDataset, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Split]:
     """Train/val/test splits: a split the source gives (an official test split, a user's val/
-    folder) is kept; the missing ones are drawn from ``train``, class by class."""
+    folder) is kept; the missing ones are drawn from ``train``, class by class.
+
+    Tensors are gathered now; :class:`~kdpipe.data.store.ImageRows` only select their rows
+    (read when the split is written)."""
     images, labels = raw.train_images, raw.train_labels
     has_test = raw.test_images is not None and raw.test_labels is not None
     has_val = raw.val_images is not None and raw.val_labels is not None
@@ -87,14 +98,15 @@ def split_dataset(raw: RawDataset, val_fraction: float, test_fraction: float, se
         train_idx = torch.arange(len(labels))
     elif has_test:
         val_idx, train_idx = stratified_split(labels, [val_fraction], seed)
-        splits = {"test": Split(raw.test_images, raw.test_labels), "val": Split(images[val_idx], labels[val_idx])}
+        splits = {"test": Split(raw.test_images, raw.test_labels), "val": Split(take(images, val_idx), labels[val_idx])}
     elif has_val:
         test_idx, train_idx = stratified_split(labels, [test_fraction], seed)
-        splits = {"test": Split(images[test_idx], labels[test_idx]), "val": Split(raw.val_images, raw.val_labels)}
+        splits = {"test": Split(take(images, test_idx), labels[test_idx]), "val": Split(raw.val_images, raw.val_labels)}
     else:
         test_idx, val_idx, train_idx = stratified_split(labels, [test_fraction, val_fraction], seed)
-        splits = {"test": Split(images[test_idx], labels[test_idx]), "val": Split(images[val_idx], labels[val_idx])}
-    splits["train"] = Split(images[train_idx], labels[train_idx])
+        splits = {"test": Split(take(images, test_idx), labels[test_idx]),
+                  "val": Split(take(images, val_idx), labels[val_idx])}
+    splits["train"] = Split(take(images, train_idx), labels[train_idx])
     for name in SPLITS:
         if len(splits[name]) == 0:
             raise KdpipeError(
@@ -103,23 +115,45 @@ def split_dataset(raw: RawDataset, val_fraction: float, test_fraction: float, se
     return splits
 
 
+class ChannelSums:
+    """Exact per-channel sums of uint8 pixels and of their squares, added a block at a time."""
+
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.squares: list[int] = []
+        self.pixels = 0  # per channel
+
+    def add(self, images: torch.Tensor | np.ndarray) -> None:
+        x = torch.as_tensor(images)
+        n, channels, height, width = x.shape
+        if not self.totals:
+            self.totals, self.squares = [0] * channels, [0] * channels
+        # widened to int64 a piece at a time: at most a chunk's worth of bytes (store.CHUNK_BYTES)
+        for piece in x.split(max(1, store.CHUNK_BYTES // 8 // max(1, channels * height * width))):
+            wide = piece.to(torch.int64)
+            for c in range(channels):
+                self.totals[c] += int(wide[:, c].sum())
+                self.squares[c] += int(wide[:, c].square().sum())
+        self.pixels += n * height * width
+
+    def stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and (sample) std, in the 0..1 range, rounded to 6 decimals."""
+        n = self.pixels
+        mean = [t / (n * 255) for t in self.totals]
+        # Python integers: n*Σx² − (Σx)² is exact, so the variance is as exact as one division
+        std = [max(math.sqrt((n * q - t * t) / (n * (n - 1))) / 255, 1e-3) for t, q in zip(self.totals, self.squares)]
+        return [round(m, 6) for m in mean], [round(s, 6) for s in std]
+
+
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and (sample) std of uint8 images, in the 0..1 range.
 
-    Exact integer sums taken chunk by chunk: a float64 copy of the images would need 8× their
+    Exact integer sums taken piece by piece: a float64 copy of the images would need 8× their
     memory (1.4 GB for 14,000 training images of 3×64×64), twice over for the std.
     """
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    totals, squares = [0] * images.shape[1], [0] * images.shape[1]
-    for chunk in images.split(1024):
-        x = chunk.to(torch.int64)
-        for c in range(images.shape[1]):
-            totals[c] += int(x[:, c].sum())
-            squares[c] += int(x[:, c].square().sum())
-    mean = [t / (n * 255) for t in totals]
-    # Python integers: n*Σx² − (Σx)² is exact, so the variance is as exact as one division
-    std = [max(math.sqrt((n * q - t * t) / (n * (n - 1))) / 255, 1e-3) for t, q in zip(totals, squares)]
-    return [round(m, 6) for m in mean], [round(s, 6) for s in std]
+    sums = ChannelSums()
+    sums.add(images)
+    return sums.stats()
 
 
 def class_counts(labels: torch.Tensor, class_names: list[str]) -> dict[str, int]:
@@ -127,40 +161,77 @@ def class_counts(labels: torch.Tensor, class_names: list[str]) -> dict[str, int]
     return {name: int(c) for name, c in zip(class_names, counts)}
 
 
+def images_file(folder: Path, split: str) -> Path:
+    return folder / f"{split}_images.npy"
+
+
+def labels_file(folder: Path, split: str) -> Path:
+    return folder / f"{split}_labels.npy"
+
+
+def _write_split(folder: Path, name: str, split: Split, sums: ChannelSums | None = None) -> None:
+    write_npy(images_file(folder, name), split.images, on_chunk=sums.add if sums is not None else None)
+    np.save(labels_file(folder, name), np.ascontiguousarray(split.labels.numpy().astype(np.int64, copy=False)))
+
+
 def save_prepared(out_dir: Path, splits: dict[str, Split], raw: RawDataset, dataset: str) -> dict[str, Any]:
-    """Write the prepared format and return ``meta`` (also written as meta.json)."""
-    mean, std = channel_stats(splits["train"].images)
-    _, channels, height, width = splits["train"].images.shape
-    meta = {
-        "dataset": dataset,
-        "class_names": raw.class_names,
-        "channels": int(channels),
-        "image_size": int(height),
-        "mean": mean,
-        "std": std,
-        "flip": bool(raw.flip),
-        "sizes": {name: len(splits[name]) for name in SPLITS},
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in SPLITS:
-        save_torch(out_dir / f"{name}.pt", {"images": splits[name].images.contiguous(), "labels": splits[name].labels})
-    write_json(out_dir / "meta.json", meta)
+    """Write the prepared format, a chunk at a time, and return ``meta`` (also written as
+    meta.json). The folder is replaced as a whole, and only once everything is written."""
+    _, channels, height, _ = ImageRows.of(splits["train"].images).shape
+    sums = ChannelSums()
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:  # train first: its statistics are summed on the way to the disk
+            _write_split(tmp, name, splits[name], sums if name == "train" else None)
+        mean, std = sums.stats()
+        meta = {
+            "dataset": dataset,
+            "class_names": raw.class_names,
+            "channels": int(channels),
+            "image_size": int(height),
+            "mean": mean,
+            "std": std,
+            "flip": bool(raw.flip),
+            "sizes": {name: len(splits[name]) for name in SPLITS},
+        }
+        write_json(tmp / "meta.json", meta)
     return meta
 
 
+def write_prepared(out_dir: str | Path, data: PreparedData) -> None:
+    """``data`` (in memory) in the prepared format, as the prepare stage would leave it."""
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            _write_split(tmp, name, getattr(data, name))
+        write_json(tmp / "meta.json", data.meta)
+
+
+def _load_labels(path: Path, rebuild: str) -> torch.Tensor:
+    if not path.is_file():
+        raise KdpipeError(f"{path} not found; {rebuild}.")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise KdpipeError(f"{path} is truncated or corrupt ({str(exc).splitlines()[0][:120]}); {rebuild}.") from None
+    if labels.dtype != np.int64 or labels.ndim != 1:
+        raise KdpipeError(f"{path} does not hold int64 labels (found {labels.dtype} {labels.shape}); {rebuild}.")
+    return torch.from_numpy(labels)
+
+
 def load_prepared(prepared_dir: str | Path) -> PreparedData:
+    """The prepared data: labels in memory, images mapped from their files (read when used)."""
     prepared_dir = Path(prepared_dir)
     if not (prepared_dir / "meta.json").exists():
         raise KdpipeError(f"{prepared_dir}/meta.json not found; run the prepare stage first (dvc repro prepare).")
     splits = {}
     rebuild = "rebuild it with `dvc repro -f -s prepare`"
+    if (prepared_dir / "train.pt").exists() and not images_file(prepared_dir, "train").exists():
+        raise KdpipeError(f"{prepared_dir} is in the format of an older kdpipe (train.pt); {rebuild}.")
     for name in SPLITS:
-        path = prepared_dir / f"{name}.pt"
-        raw = load_torch(path, rebuild)
-        images, labels = (raw.get("images"), raw.get("labels")) if isinstance(raw, dict) else (None, None)
-        if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and images.dtype == torch.uint8
-                and images.ndim == 4 and labels.shape == images.shape[:1]):
-            raise KdpipeError(f"{path} is not a prepared split (uint8 N×C×H×W images and N labels); {rebuild}.")
+        images = open_images(images_file(prepared_dir, name), rebuild)
+        labels = _load_labels(labels_file(prepared_dir, name), rebuild)
+        if labels.shape != images.shape[:1]:
+            raise KdpipeError(f"{images_file(prepared_dir, name)} holds {images.shape[0]} images but "
+                              f"{labels_file(prepared_dir, name)} {labels.shape[0]} labels; {rebuild}.")
         splits[name] = Split(images, labels)
     try:
         meta = read_json(prepared_dir / "meta.json")

@@ -32,8 +32,9 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from kdpipe.data.images import read_image, stack_chw
+from kdpipe.data.images import read_image
 from kdpipe.data.sources import RawDataset, register
+from kdpipe.data.store import ImageStore
 from kdpipe.errors import KdpipeError
 from kdpipe.validation import Settings, fail
 
@@ -105,7 +106,7 @@ def download(raw_dir: Path, settings: CatsVsDogsSettings) -> dict:
     return {"origin": origin, "tfds_version": str(builder.version)}
 
 
-def load(raw_dir: Path, settings: CatsVsDogsSettings, size: int) -> RawDataset:
+def load(raw_dir: Path, settings: CatsVsDogsSettings, size: int, store: ImageStore | None = None) -> RawDataset:
     tfds = tfds_module()
     cap = settings.max_per_class
     try:
@@ -120,7 +121,7 @@ def load(raw_dir: Path, settings: CatsVsDogsSettings, size: int) -> RawDataset:
             "first (dvc repro download)."
         ) from None
     counts = [0] * len(class_names)
-    images, labels, skipped = [], [], 0
+    images, labels, skipped = (store or ImageStore()).writer((3, size, size)), [], 0
     for example in tqdm(tfds.as_numpy(dataset), total=total, desc="decoding Cats vs Dogs", unit="img",
                         mininterval=1.0):
         label = int(example["label"])
@@ -138,7 +139,7 @@ def load(raw_dir: Path, settings: CatsVsDogsSettings, size: int) -> RawDataset:
     if skipped:
         print(f"skipped {skipped} unreadable image(s)")
     return RawDataset(
-        train_images=stack_chw(images, size),
+        train_images=images.finish(),
         train_labels=torch.tensor(labels, dtype=torch.int64),
         class_names=class_names,
         flip=True,  # a mirrored cat is still a cat

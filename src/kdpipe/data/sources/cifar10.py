@@ -30,6 +30,7 @@ from kdpipe.data.archives import extract
 from kdpipe.data.fetch import download_file
 from kdpipe.data.images import resize_uint8
 from kdpipe.data.sources import RawDataset, register
+from kdpipe.data.store import ImageStore
 from kdpipe.errors import KdpipeError
 from kdpipe.validation import Settings, fail
 from kdpipe.io import file_digest, read_json, write_json
@@ -144,7 +145,7 @@ def _to_tensors(batch: Any, path: Path, classes: int) -> tuple[torch.Tensor, tor
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
-def load(raw_dir: Path, settings: Cifar10Settings, size: int) -> RawDataset:
+def load(raw_dir: Path, settings: Cifar10Settings, size: int, store: ImageStore | None = None) -> RawDataset:
     folder = raw_dir / FOLDER
     if not (raw_dir / MANIFEST).is_file():
         raise KdpipeError(f"{raw_dir / MANIFEST} not found; run the download stage first (dvc repro download).")
@@ -152,21 +153,20 @@ def load(raw_dir: Path, settings: Cifar10Settings, size: int) -> RawDataset:
     names = _batch_names(folder)
     meta = _read_pickle(folder, META, checksums.get(META))
     class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in _field(meta, "label_names", folder / META)]
-    train_parts, test = [], None
-    for name in tqdm(names[1:], desc="reading CIFAR-10 batches", unit="batch"):
-        tensors = _to_tensors(_read_pickle(folder, name, checksums.get(name)), folder / name, len(class_names))
-        if name == TEST_BATCH:
-            test = tensors
-        else:
-            train_parts.append(tensors)
-    assert test is not None
+    store = store or ImageStore()
+    train, test = store.writer((3, size, size)), store.writer((3, size, size))
+    train_labels, test_labels = [], []
+    for name in tqdm(names[1:], desc="reading CIFAR-10 batches", unit="batch"):  # one batch (10,000 images) at a time
+        images, labels = _to_tensors(_read_pickle(folder, name, checksums.get(name)), folder / name, len(class_names))
+        (test if name == TEST_BATCH else train).append(resize_uint8(images, size).numpy())
+        (test_labels if name == TEST_BATCH else train_labels).append(labels)
     return RawDataset(
-        train_images=resize_uint8(torch.cat([p[0] for p in train_parts]), size),
-        train_labels=torch.cat([p[1] for p in train_parts]),
+        train_images=train.finish(),
+        train_labels=torch.cat(train_labels),
         class_names=class_names,
         flip=True,  # a mirrored car is still a car
-        test_images=resize_uint8(test[0], size),
-        test_labels=test[1],
+        test_images=test.finish(),
+        test_labels=torch.cat(test_labels),
     )
 
 

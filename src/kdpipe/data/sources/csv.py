@@ -27,6 +27,7 @@ from typing import Literal, Optional
 from kdpipe.data.imagefiles import (SPLIT_NAMES, Entry, Listing, check_classes, check_settings, inside, is_hidden,
                                     load_images, order_classes, write_manifest)
 from kdpipe.data.sources import RawDataset, register
+from kdpipe.data.store import ImageStore
 from kdpipe.errors import KdpipeError
 from kdpipe.validation import Settings
 
@@ -128,8 +129,8 @@ def download(raw_dir: Path, settings: CsvSettings) -> dict:
     return write_manifest(raw_dir, scan(settings), origin=settings.path)
 
 
-def load(raw_dir: Path, settings: CsvSettings, size: int) -> RawDataset:
-    return load_images(raw_dir, Path(settings.path).parent, size, settings.resize, "csv")
+def load(raw_dir: Path, settings: CsvSettings, size: int, store: ImageStore | None = None) -> RawDataset:
+    return load_images(raw_dir, Path(settings.path).parent, size, settings.resize, "csv", store)
 
 
 register("csv", CsvSettings, download, load, DEFAULT_IMAGE_SIZE, local_input=lambda s: s.path)

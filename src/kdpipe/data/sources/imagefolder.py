@@ -25,6 +25,7 @@ from typing import Literal, Optional
 from kdpipe.data.imagefiles import (SPLIT_NAMES, Entry, Listing, check_classes, check_settings, inside, is_hidden,
                                     load_images, order_classes, relative, write_manifest)
 from kdpipe.data.sources import RawDataset, register
+from kdpipe.data.store import ImageStore
 from kdpipe.errors import KdpipeError
 from kdpipe.validation import Settings
 
@@ -130,8 +131,8 @@ def download(raw_dir: Path, settings: ImagefolderSettings) -> dict:
     return write_manifest(raw_dir, scan(settings), origin=settings.path)
 
 
-def load(raw_dir: Path, settings: ImagefolderSettings, size: int) -> RawDataset:
-    return load_images(raw_dir, Path(settings.path), size, settings.resize, "imagefolder")
+def load(raw_dir: Path, settings: ImagefolderSettings, size: int, store: ImageStore | None = None) -> RawDataset:
+    return load_images(raw_dir, Path(settings.path), size, settings.resize, "imagefolder", store)
 
 
 register("imagefolder", ImagefolderSettings, download, load, DEFAULT_IMAGE_SIZE, local_input=lambda s: s.path)

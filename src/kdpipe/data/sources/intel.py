@@ -8,8 +8,8 @@ Kaggle's layout into ``data/raw/intel/``::
     seg_train/seg_train/<class>/*.jpg   training images
     seg_test/seg_test/<class>/*.jpg     the official test split (kept as the test split)
 
-The unlabelled ``seg_pred/`` folder is not unpacked. ``load`` decodes the JPEGs with PIL and
-resizes them to ``data.image_size``; files that cannot be decoded are skipped and counted
+The unlabelled ``seg_pred/`` folder is not unpacked. ``load`` decodes the JPEGs with PIL (in parallel threads, a
+chunk at a time) and resizes them to ``data.image_size``; files that cannot be decoded are skipped and counted
 (``skipped_images`` in ``metrics/data.json``).
 
 Credentials (never logged): ``KAGGLE_API_TOKEN``, or ``KAGGLE_USERNAME`` + ``KAGGLE_KEY``,
@@ -31,8 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kdpipe.data.archives import extract
-from kdpipe.data.images import read_image, stack_chw
-from kdpipe.data.sources import RawDataset, register
+from kdpipe.data.images import map_in_order, read_image
+from kdpipe.data.sources import Images, RawDataset, register
+from kdpipe.data.store import ImageStore, chunk_rows
 from kdpipe.errors import KdpipeError
 from kdpipe.validation import Settings, fail
 
@@ -194,7 +195,7 @@ def _image_files(folder: Path, limit: int | None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def load(raw_dir: Path, settings: IntelSettings, size: int) -> RawDataset:
+def load(raw_dir: Path, settings: IntelSettings, size: int, store: ImageStore | None = None) -> RawDataset:
     roots = {split: split_root(raw_dir, split) for split in SPLIT_DIRS}
     class_names = _class_dirs(roots["train"])
     if not class_names:
@@ -202,20 +203,22 @@ def load(raw_dir: Path, settings: IntelSettings, size: int) -> RawDataset:
     unknown = sorted(set(_class_dirs(roots["test"])) - set(class_names))
     if unknown:
         raise KdpipeError(f"{roots['test']} has classes {unknown} that the training split lacks; check the download.")
+    store = store or ImageStore()
     skipped = 0
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    tensors: dict[str, tuple[Images, torch.Tensor]] = {}
     for split, root in roots.items():
         files = [(label, path) for label, name in enumerate(class_names) if (root / name).is_dir()
                  for path in _image_files(root / name, settings.max_per_class)]
-        images, labels = [], []
-        for label, path in tqdm(files, desc=f"decoding Intel {split}", unit="img", mininterval=1.0):
-            image = read_image(path, size)
+        images, labels = store.writer((3, size, size)), []
+        decoded = map_in_order(lambda file: read_image(file[1], size), files, chunk_rows((3, size, size)))
+        for (label, _), image in zip(files, tqdm(decoded, total=len(files), desc=f"decoding Intel {split}",
+                                                 unit="img", mininterval=1.0)):
             if image is None:
                 skipped += 1
                 continue
             images.append(image)
             labels.append(label)
-        tensors[split] = (stack_chw(images, size), torch.tensor(labels, dtype=torch.int64))
+        tensors[split] = (images.finish(), torch.tensor(labels, dtype=torch.int64))
     if skipped:
         print(f"skipped {skipped} unreadable image(s)")
     return RawDataset(
