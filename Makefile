@@ -60,7 +60,7 @@ presets: setup  ## list the data-set presets
 	@$(BIN)/python -m kdpipe.presets --list
 
 test: setup  ## run the test suite in TEST_WORKERS=2 parallel processes (a test file stays in one worker)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ui: setup  ## the MLflow UI on the project's tracking store, on 127.0.0.1 only; prints the runs table's address
 	@case "$${MLFLOW_TRACKING_URI:-}" in \

@@ -101,13 +101,3 @@ def kd_methods_project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return root, env
 
-
-# `make test` (pytest -n 2 --dist loadgroup): a file's tests run in one worker, so its module
-# fixtures are built once; files that share a session fixture's project share a worker too.
-SHARED_PROJECT_FILES = {"test_e2e_kd_methods.py": "kd_methods_project", "test_e2e_team.py": "kd_methods_project"}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_PROJECT_FILES.get(item.path.name, item.path.name)))
