@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import runpy
 import shutil
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
@@ -163,8 +165,10 @@ def cifar_archive(links=None, extra=None, md5_override: str | None = None) -> Ca
 
 def held_lock(root: Path) -> None:
     (root / ".kdpipe").mkdir(exist_ok=True)
-    # this test process holds it, as a stage script would (its command line contains pytest's)
-    (root / LOCK_FILE).write_text(f'{{"pid": {os.getpid()}, "command": "pytest", "started": "now"}}')
+    # this test process holds it, as a stage script would: the lock names a part of its command line
+    # (under `make test` that is an xdist worker's, which does not contain "pytest")
+    command = json.dumps(psutil.Process().cmdline()[0])
+    (root / LOCK_FILE).write_text(f'{{"pid": {os.getpid()}, "command": {command}, "started": "now"}}')
 
 
 def stale_lock_and_leftovers(root: Path) -> None:
