@@ -92,10 +92,6 @@ class Distributed:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
 
 SINGLE = Distributed()
 
