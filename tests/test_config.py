@@ -102,6 +102,7 @@ INVALID = [
     ("multi_teacher without extra teachers", with_value("kd.methods", ["multi_teacher"]),
      "kd.multi_teacher.teachers", "[]"),
     ("resnet width out of range", with_value("teacher.resnet18.width", 4), "teacher.resnet18.width", "=4 "),
+    ("unknown teacher mix", with_value("teacher.mix", "blend"), "teacher.mix", "'blend'"),
     ("extra teacher outside teachers/ensemble", with_value("kd.multi_teacher.teachers", ["models/teacher.pt"]),
      "kd.multi_teacher.teachers", "models/teacher.pt"),
 ]

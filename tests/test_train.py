@@ -311,6 +311,35 @@ def test_the_baseline_learns_from_mixed_views_deterministically(mix):
     assert result_a.history[-1]["train_loss"] < result_a.history[0]["train_loss"]
 
 
+def test_teacher_mix_replaces_data_augment_mix_for_the_teacher_run_only(monkeypatch, tmp_path):
+    """teacher.mix is what the teacher trains with; every student run keeps data.augment."""
+    from kdpipe import workflow
+
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({"data": {"augment": {"crop_padding": 2, "mix": "mixup", "mix_alpha": 0.4}},
+                           "teacher": {"mix": "cutmix"}, "mlflow": {"enabled": False}})
+    assert params.augment_for("student") == params.data.augment
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(job, **_):
+        seen[job.name] = job.augment
+        raise Stop
+
+    monkeypatch.setattr(workflow, "fit", record)
+    setup = workflow.Setup(params, 0, setup_runtime(params.runtime, 0), make_prepared())
+    for role in ("teacher", "student"):
+        model, arch_params = setup.build(role)
+        with pytest.raises(Stop):
+            setup.train_and_save(role, f"train_{role}", role, CrossEntropyObjective(model), arch_params)
+    assert (seen["teacher"].mix, seen["teacher"].mix_alpha, seen["teacher"].crop_padding) == ("cutmix", 0.4, 2)
+    assert seen["student"] == params.data.augment and seen["student"].mix == "mixup"
+    unset = parse_params({"data": {"augment": {"mix": "cutmix"}}})
+    assert unset.augment_for("teacher") == unset.data.augment  # null: the data set's mixing
+
+
 # ---- a diverged training stops with one sentence --------------------------------------------
 
 

@@ -142,7 +142,11 @@ def _model_config(role: str, arch: str, epochs: int, own: Sequence[tuple[str, An
     ], bases=(_ModelChecks,), namespace={"role": role}, frozen=True)
 
 
-TeacherConfig = _model_config("teacher", "resnet18", epochs=15)
+# teacher.mix: the teacher's own mixing (null: data.augment.mix). The students' views, and so the
+# teacher_targets cache, always follow data.augment: a teacher can learn with CutMix while the
+# students it teaches see plain views, or the other way round.
+TeacherConfig = _model_config("teacher", "resnet18", epochs=15,
+                              own=[("mix", Optional[Literal["none", "mixup", "cutmix"]], field(default=None))])
 # student.seed seeds every student run (initialisation, batch order, augmented views, hence the
 # teacher_targets cache); null: the global seed, which alone seeds the split and the teacher.
 StudentConfig = _model_config("student", "student_cnn", epochs=30,
@@ -252,6 +256,12 @@ class Params(Settings):
         """The seed of the student runs (baseline, teacher_targets, distill): ``student.seed``,
         or the global ``seed`` when that is null."""
         return self.seed if self.student.seed is None else self.student.seed
+
+    def augment_for(self, role: str) -> AugmentConfig:
+        """The augmentation a ``teacher`` or ``student`` run trains with: ``data.augment``, with
+        ``teacher.mix`` in place of its mix for the teacher when that is set."""
+        mix = getattr(getattr(self, role), "mix", None)
+        return self.data.augment if mix is None else dataclasses.replace(self.data.augment, mix=mix)
 
 
 def _parse_kd(data: Any, prefix: str = "kd") -> Any:

@@ -64,7 +64,7 @@ class Setup:
         every process trains and rank 0 alone writes."""
         inputs = (paths.PREPARED_DIR, *inputs)
         params, data, recipe = self.params, self.data, getattr(self.params, role)
-        job = TrainJob(name, objective, data, recipe, params.data.augment, self.runtime, self.seed, self.group)
+        job = TrainJob(name, objective, data, recipe, params.augment_for(role), self.runtime, self.seed, self.group)
         checkpoint = Checkpoint(name, run_fingerprint(stage + (f"@{method}" if method else ""), inputs))
         if not self.group.is_main:
             fit(job, checkpoint=checkpoint)  # reads a checkpoint to resume from, never writes one
