@@ -104,6 +104,18 @@ def test_stage_run_logs_tags_params_stepped_metrics_and_a_batchable_model(tmp_re
         # a one-image example must not freeze the logged model's batch size at 1
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
         assert loaded(x[:1]).shape == (1, 3)
+    # it loads where kdpipe is not installed: the logged model carries kdpipe's code
+    check = ("import sys; sys.path = [p for p in sys.path if not p.rstrip('/').endswith('src')]\n"
+             "import mlflow.pytorch, torch\n"
+             f"m = mlflow.pytorch.load_model({f'runs:/{logged.info.run_id}/model'!r})\n"
+             "print(sys.modules['kdpipe'].__file__, *m(torch.zeros(2, 1, 8, 8)).shape)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    out = subprocess.run([sys.executable, "-c", check], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kdpipe_file, *shape = out.stdout.split()
+    assert "/code/kdpipe/" in kdpipe_file and Path(models.__file__).parent.parent.resolve() not in Path(kdpipe_file).parents
+    assert shape == ["2", "3"]
 
 
 def test_stage_run_disabled_is_a_no_op(tmp_repo):

@@ -430,25 +430,27 @@ class StageRun:
             self._safely(f"logging {path}", lambda: self._mlflow.log_artifact(str(path), artifact_path=artifact_path))
 
     def log_model(self, model: Any, input_example: Any, name: str = "model") -> None:
-        """Log a torch model with an input example; pinned requirements avoid a slow
+        """Log a torch model with an input example, pickled with kdpipe's own code beside it
+        (``code_paths``): it loads where kdpipe is not installed, and a stage does not pay
+        MLflow's default ``pt2`` format, a ``torch.export`` trace of a few seconds per model
+        (the deployable export is the ONNX stage's). Pinned requirements avoid a slow
         dependency inference."""
         if self._mlflow is None:
             return
         import numpy as np
         import torch
 
+        import kdpipe
+
         example = np.asarray(input_example)
-        if example.ndim > 0 and example.shape[0] == 1:
-            # MLflow exports with torch.export, which fixes a size-1 batch dimension: the logged
-            # model would then refuse any batch but one image. Two images keep it dynamic.
-            example = np.concatenate([example, example])
 
         def log() -> None:
             import mlflow.pytorch
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                mlflow.pytorch.log_model(model, name=name, input_example=example,
+                mlflow.pytorch.log_model(model, name=name, input_example=example, serialization_format="pickle",
+                                         code_paths=[str(Path(kdpipe.__file__).parent)],
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
         self._safely("logging the model", log)
