@@ -60,7 +60,7 @@ def test_git_revision(tmp_repo, tmp_path_factory):
     assert git_revision(tmp_path_factory.mktemp("not_a_repo")) == "unknown"
 
 
-def test_stage_run_logs_tags_params_stepped_metrics_and_a_batchable_model(tmp_repo):
+def test_stage_run_logs_tags_params_stepped_metrics_and_a_batchable_model(tmp_repo, capfd):
     from mlflow.tracking import MlflowClient
 
     root, head = tmp_repo
@@ -73,6 +73,8 @@ def test_stage_run_logs_tags_params_stepped_metrics_and_a_batchable_model(tmp_re
             run.log_metrics({"val_acc": 10.0 * epoch, "note": "not a number"}, step=epoch)
         run.log_metrics({"best_val_accuracy": 30.0})
         run.log_model(model, input_example=np.zeros((1, 1, 8, 8), dtype=np.float32))
+    # pickle is kdpipe's documented choice: MLflow's paragraph about it is not repeated per stage
+    assert "Saving pytorch model by Pickle" not in capfd.readouterr().err
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("unit")

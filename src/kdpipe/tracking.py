@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -447,7 +448,7 @@ class StageRun:
         def log() -> None:
             import mlflow.pytorch
 
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_pickle_warning():
                 warnings.simplefilter("ignore")
                 mlflow.pytorch.log_model(model, name=name, input_example=example, serialization_format="pickle",
                                          code_paths=[str(Path(kdpipe.__file__).parent)],
@@ -489,6 +490,23 @@ class StageRun:
                 )
 
         self._safely(f"logging {path}", log)
+
+
+@contextlib.contextmanager
+def _quiet_pickle_warning() -> Iterator[None]:
+    """Drop MLflow's warning that a pickled model runs code when loaded: kdpipe chose pickle on
+    purpose (README, `mlflow.log_models`), and the same paragraph on every training stage buries
+    the stage's own output. Only that message is dropped."""
+    logger = logging.getLogger("mlflow.pytorch")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _short(exc: BaseException) -> str:
