@@ -16,6 +16,9 @@ the first (warm-up). Printed last, one JSON line::
     teacher_speedup              reference teacher epoch / kdpipe teacher epoch
     distill_online_speedup       reference KD epoch / kdpipe KD epoch (teacher online)
     distill_cached_over_baseline kdpipe KD epoch with cached targets / kdpipe baseline epoch
+    compile_<role>_speedup       kdpipe eager epoch / kdpipe epoch with runtime.compile (with
+                                 ``--only compile_student,compile_teacher``; compile time is in
+                                 the first epoch, printed as the compile overhead)
 
 Run (from the repository root; a short run: ``--epochs 2 --images 1024``)::
 
@@ -211,8 +214,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--archive", default=None, help="CIFAR-10 python archive (default: ../shared/data/...)")
     parser.add_argument("--only", default="student,teacher,distill",
-                        help="comma-separated subset of student,teacher,distill")
-    parser.add_argument("--compile", action="store_true", help="also time kdpipe's student with runtime.compile")
+                        help="comma-separated subset of student,teacher,distill,compile_student,compile_teacher "
+                             "(compile_*: kdpipe's loop eager against runtime.compile, side by side)")
+    parser.add_argument("--compile", action="store_true", help="the same as adding compile_student to --only")
     parser.add_argument("--teacher-width", type=int, default=64,
                         help="the teacher ResNet-18's first-stage width (teacher.resnet18.width; 64: the standard one)")
     args = parser.parse_args()
@@ -228,7 +232,10 @@ def main() -> None:
     recipe = TrainConfig(epochs=EPOCHS, batch_size=args.batch_size, optimizer="sgd", lr=0.05, momentum=0.9,
                          nesterov=True, weight_decay=5e-4, label_smoothing=0.0, schedule="onecycle")
     loader = reference_loader(images, labels, args.batch_size, seed)
-    only = set(args.only.split(","))
+    only = set(args.only.split(",")) | ({"compile_student"} if args.compile else set())
+    unknown = only - {"student", "teacher", "distill", "compile_student", "compile_teacher"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     print(f"data: {cifar.source}, {len(labels)} training images 3×32×32, batch {args.batch_size}, "
           f"{EPOCHS} epochs per loop, {runtime.threads} threads; kdpipe runtime: {runtime.describe()}", flush=True)
     results: dict[str, float] = {}
@@ -249,17 +256,19 @@ def main() -> None:
                                                     runtime, t, seed),
         })
         results["student_speedup"] = results["reference_student"] / results["kdpipe_student"]
-    if args.compile:
-        compiled = setup_runtime(RuntimeConfig(threads=args.threads, compile=True), seed)
-        compare("student, runtime.compile=true", {
-            "kdpipe_student_eager": lambda t: kdpipe_loop(CrossEntropyObjective(build("student_cnn", 1)), data,
-                                                          recipe, runtime, t, seed),
-            "kdpipe_student_compiled": lambda t: kdpipe_loop(CrossEntropyObjective(build("student_cnn", 1)), data,
-                                                             recipe, compiled, t, seed),
+    compiled = setup_runtime(RuntimeConfig(threads=args.threads, compile=True), seed)
+    for role, arch, model_seed in (("student", "student_cnn", 1), ("teacher", "resnet18", 2)):
+        if f"compile_{role}" not in only:
+            continue
+        compare(f"{role} ({arch}), runtime.compile=true", {
+            f"kdpipe_{role}_eager": lambda t, a=arch, s=model_seed: kdpipe_loop(
+                CrossEntropyObjective(build(a, s)), data, recipe, runtime, t, seed),
+            f"kdpipe_{role}_compiled": lambda t, a=arch, s=model_seed: kdpipe_loop(
+                CrossEntropyObjective(build(a, s)), data, recipe, compiled, t, seed),
         })
-        first = times["kdpipe_student_compiled"][0] - times["kdpipe_student_eager"][0]
+        first = times[f"kdpipe_{role}_compiled"][0] - times[f"kdpipe_{role}_eager"][0]
         print(f"  compile overhead (first epoch, compiled - eager): {first:.1f} s", flush=True)
-        results["compile_student_speedup"] = results["kdpipe_student_eager"] / results["kdpipe_student_compiled"]
+        results[f"compile_{role}_speedup"] = results[f"kdpipe_{role}_eager"] / results[f"kdpipe_{role}_compiled"]
     if "teacher" in only:
         compare(f"teacher (ResNet-18, width {TEACHER_WIDTH}, CE)", {
             "reference_teacher": lambda t: reference_loop(build("resnet18", 2), loader, t),

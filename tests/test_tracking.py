@@ -120,6 +120,39 @@ def test_stage_run_logs_tags_params_stepped_metrics_and_a_batchable_model(tmp_re
     assert shape == ["2", "3"]
 
 
+@pytest.mark.parametrize("chosen", [None, "false", "DO_NOT_TRACK"])
+def test_mlflow_telemetry_is_off_in_stages_unless_the_user_chose(tmp_repo, chosen):
+    """A fresh process (MLflow reads the switch when it is first imported) opens a stage run;
+    MLflow's CI detection is taken out of its environment so that only kdpipe decides."""
+    root, _ = tmp_repo
+    check = ("import os\n"
+             "from kdpipe.config import parse_params\n"
+             "from kdpipe.tracking import stage_run\n"
+             "with stage_run('prepare', parse_params({})) as run:\n"
+             "    assert run.enabled\n"
+             "    run.log_metrics({'images': 1.0})\n"
+             "from mlflow.telemetry import get_telemetry_client\n"
+             "print(os.environ.get('MLFLOW_DISABLE_TELEMETRY'), os.environ.get('DO_NOT_TRACK'),"
+             " get_telemetry_client() is None)\n")
+    ci_markers = ("CI", "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CIRCLECI", "JENKINS_URL", "GITLAB_CI", "TRAVIS",
+                  "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION",
+                  "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", *ci_markers)}
+    if chosen == "false":
+        env["MLFLOW_DISABLE_TELEMETRY"] = "false"
+    elif chosen == "DO_NOT_TRACK":
+        env["DO_NOT_TRACK"] = "true"
+    out = subprocess.run([sys.executable, "-c", check], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    disable, do_not_track, no_client = out.stdout.split()
+    if chosen is None:
+        assert (disable, do_not_track, no_client) == ("true", "None", "True")
+    elif chosen == "false":  # the user's own choice stands
+        assert (disable, do_not_track) == ("false", "None")
+    else:
+        assert (disable, do_not_track, no_client) == ("None", "true", "True")
+
+
 def test_stage_run_disabled_is_a_no_op(tmp_repo):
     root, _ = tmp_repo
     params = parse_params({"mlflow": {"enabled": False}})

@@ -68,6 +68,7 @@ ROOT_TAG = "kdpipe.project_root"  # on the experiment: the project root its arti
 LOCATION_TAG = "kdpipe.artifact_location"  # on the experiment: mlflow.artifact_location when created
 REUSE_MINUTES = 30  # outside DVC only: how long a parent stays open to the next stage
 UI_QUERY = "workflowType=machine_learning"
+TELEMETRY_ENV = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")  # MLflow's switches; kdpipe sets the first if neither is
 
 _EXPERIMENT_IDS: dict[tuple[str, ...], str] = {}
 _STAGE_OF_MODEL = {paths.TEACHER: "train_teacher", paths.BASELINE: "train_student"}
@@ -352,13 +353,23 @@ def _touch_parent(client: Any, parent_id: str, failed: bool) -> None:
     client.set_terminated(parent_id, "FAILED" if status == "FAILED" else "FINISHED")
 
 
-def _setup(params: Params) -> tuple[Any, Any, str, Path]:
-    """mlflow, a client, the experiment id and the project root, with MLflow's logs quietened."""
-    import logging
-
+def _import_mlflow() -> Any:
+    """``import mlflow`` with its logs quietened and, unless the user chose
+    (``MLFLOW_DISABLE_TELEMETRY`` or ``DO_NOT_TRACK`` set), its usage telemetry off: MLflow
+    otherwise starts a telemetry client in every stage process, which costs about a second of
+    each stage's start-up and reaches for the network from pipelines that often run offline."""
+    if not any(os.environ.get(name) for name in TELEMETRY_ENV):
+        os.environ[TELEMETRY_ENV[0]] = "true"
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
+
+    return mlflow
+
+
+def _setup(params: Params) -> tuple[Any, Any, str, Path]:
+    """mlflow, a client, the experiment id and the project root, with MLflow's logs quietened."""
+    mlflow = _import_mlflow()
     from mlflow.tracking import MlflowClient
 
     root = project_root()
@@ -663,9 +674,9 @@ def log_model_results(params: Params, results: dict[str, dict[str, Any]]) -> dic
     ``<model>.test_accuracy`` into this execution's parent run. Returns model -> run id."""
     if not params.mlflow.enabled:
         return {}
+    mlflow, client, experiment_id, root = _setup(params)
     from mlflow.entities import Metric
 
-    mlflow, client, experiment_id, root = _setup(params)
     active = mlflow.active_run()
     if active is not None:
         parent_id = client.get_run(active.info.run_id).data.tags.get(PARENT_TAG)
