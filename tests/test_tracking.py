@@ -287,6 +287,30 @@ def test_dvc_process_is_found_among_the_ancestors(monkeypatch):
     assert tracking.dvc_process() is None  # pytest has no dvc ancestor
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil adds the boot time to a start on Linux only")
+def test_a_dvc_process_keeps_its_identity_when_the_clock_is_adjusted(monkeypatch):
+    """The execution key holds the DVC process's start; NTP or a VM moving the wall clock (and
+    with it the boot time psutil adds on Linux) must not move it, or one `dvc exp run` gets
+    several parent runs."""
+    import psutil
+    import psutil._pslinux
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        stamps, created = [], []
+        for boot in (1_000_000.0, 1_000_001.0):  # the boot time the kernel reports, before and after
+            monkeypatch.setattr(psutil._pslinux, "boot_time", lambda b=boot: b)
+            proc = psutil.Process(child.pid)  # a new handle: psutil caches create_time per handle
+            stamps.append(tracking.start_stamp(proc))
+            created.append(proc.create_time())
+        assert created[1] - created[0] == 1.0  # psutil's wall-clock start moved with the clock
+        assert stamps[0] == stamps[1]
+        assert stamps[0] >= tracking.start_stamp(psutil.Process(os.getpid()))  # ticks after boot: later is larger
+    finally:
+        child.kill()
+        child.wait()
+
+
 # ------------------------------------------------------------------------------- experiment kind
 
 

@@ -258,8 +258,24 @@ def _is_dvc_command(cmdline: list[str]) -> bool:
     return len(cmdline) >= 3 and cmdline[1] == "-m" and cmdline[2] == "dvc"
 
 
+def start_stamp(proc: Any) -> float:
+    """When ``proc`` (a ``psutil.Process``) started, as a number that never changes while it runs.
+
+    On Linux psutil's ``create_time()`` is the start in clock ticks since boot *plus the boot
+    time*, which the kernel derives from the wall clock: when NTP or a VM adjusts the clock, a
+    process's create_time moves by a second (the likely cause of one 28-minute ``dvc exp run``
+    whose stages found three different parents). The ticks since boot (``/proc/<pid>/stat``,
+    field 22) do not."""
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        return float(int(fields[19]))  # field 22: starttime, in clock ticks after boot
+    except (OSError, IndexError, ValueError):
+        return proc.create_time()  # other systems store an absolute start time
+
+
 def dvc_process() -> tuple[int, float] | None:
-    """(pid, start time) of the DVC process running this stage (``dvc repro``, ``dvc exp run``,
+    """(pid, start stamp) of the DVC process running this stage (``dvc repro``, ``dvc exp run``,
     a queued experiment's ``dvc exp exec-run``), or None outside DVC."""
     if not (os.environ.get("DVC_STAGE") or os.environ.get("DVC_ROOT")):
         return None
@@ -273,7 +289,7 @@ def dvc_process() -> tuple[int, float] | None:
             if proc is None:
                 return None
             if _is_dvc_command(proc.cmdline()):
-                return proc.pid, proc.create_time()
+                return proc.pid, start_stamp(proc)
             proc = proc.parent()
     except psutil.Error:
         return None
