@@ -372,7 +372,7 @@ def _touch_parent(client: Any, parent_id: str, failed: bool) -> None:
 def _import_mlflow() -> Any:
     """``import mlflow`` with its logs quietened and, unless the user chose
     (``MLFLOW_DISABLE_TELEMETRY`` or ``DO_NOT_TRACK`` set), its usage telemetry off: MLflow
-    otherwise starts a telemetry client in every stage process, which costs about a second of
+    otherwise starts a telemetry client in every stage process, which can cost about a second of
     each stage's start-up and reaches for the network from pipelines that often run offline."""
     if not any(os.environ.get(name) for name in TELEMETRY_ENV):
         os.environ[TELEMETRY_ENV[0]] = "true"
