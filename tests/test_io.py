@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,37 @@ def test_atomic_writes_leave_the_old_output_when_they_fail(tmp_path):
         (tmp / "g").write_text("new")
     assert [p.name for p in (tmp_path / "dir").iterdir()] == ["g"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "out.txt"]
+
+
+def test_the_restore_hint_of_a_damaged_output_restores_it_with_real_dvc(tmp_path):
+    """The sentence a truncated model or split ends with must work as written: plain
+    ``dvc checkout <path>`` refuses to overwrite a changed file, so the hint carries ``--force``."""
+    import re
+    import subprocess
+    import sys
+
+    from kdpipe.errors import KdpipeError
+    from kdpipe.io import load_torch
+
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("DVC_ROOT", None)
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  save:\n    cmd: python -c \"import torch; from kdpipe.io import save_torch; "
+        "save_torch('model.pt', dict(w=torch.arange(6.0)))\"\n    outs:\n      - model.pt\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
+        assert run(*cmd).returncode == 0, cmd
+    good = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "model.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(KdpipeError) as refused:
+        load_torch(tmp_path / "model.pt")
+    hint = re.search(r"restore it with `([^`]+)`", str(refused.value)).group(1)
+    assert hint == f"dvc checkout --force {tmp_path / 'model.pt'}"
+    assert run("dvc", "checkout", "model.pt").returncode != 0  # without --force DVC asks, and refuses here
+    assert run(*hint.split()).returncode == 0
+    assert (tmp_path / "model.pt").read_bytes() == good

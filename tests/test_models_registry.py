@@ -125,7 +125,7 @@ def test_load_refuses_a_plain_state_dict_a_truncated_file_and_a_model_for_other_
     models.save(good, model, "student_cnn", {"widths": [4], "dropout": 0.0}, meta)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(KdpipeError, match=r"truncated.pt is truncated or corrupt .*dvc checkout"):
+    with pytest.raises(KdpipeError, match=r"truncated.pt is truncated or corrupt .*dvc checkout --force"):
         models.load(truncated)
     models.load(good, meta)  # the data it was trained for
     with pytest.raises(KdpipeError, match=r"good.pt was trained on other data \(image size 8 in the model vs 16"):

@@ -104,6 +104,12 @@ def save_torch(path: str | Path, obj: Any) -> None:
             torch.save(obj, fh)
 
 
+def restore_hint(path: str | Path) -> str:
+    """How to get DVC's copy of a damaged output back: ``--force``, because DVC otherwise refuses
+    to overwrite a changed file (a truncated one is changed) without a confirmation."""
+    return f"restore it with `dvc checkout --force {path}`"
+
+
 def load_torch(path: str | Path, rebuild: str = "re-run the stage that writes it (dvc repro -f -s <stage>)") -> Any:
     """Load a file written by :func:`save_torch` without unpickling arbitrary objects.
 
@@ -117,7 +123,7 @@ def load_torch(path: str | Path, rebuild: str = "re-run the stage that writes it
         raise KdpipeError(f"{path} not found; {rebuild}.")
     if not zipfile.is_zipfile(path):  # every torch.save archive is a zip: this one is cut short or garbage
         raise KdpipeError(f"{path} is truncated or corrupt (not a complete PyTorch archive); {rebuild}, "
-                          f"or restore it with `dvc checkout {path}`.")
+                          f"or {restore_hint(path)}.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -127,7 +133,7 @@ def load_torch(path: str | Path, rebuild: str = "re-run the stage that writes it
             problem = f"is truncated or corrupt ({str(exc).splitlines()[0][:120]})"
     except Exception as exc:  # a damaged archive can fail in many ways; none is worth a traceback
         problem = f"is truncated or corrupt ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
-    raise KdpipeError(f"{path} {problem}; {rebuild}, or restore it with `dvc checkout {path}`.")
+    raise KdpipeError(f"{path} {problem}; {rebuild}, or {restore_hint(path)}.")
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

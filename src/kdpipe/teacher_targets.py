@@ -47,7 +47,7 @@ from kdpipe.data.prepare import PreparedData, load_prepared
 from kdpipe.distill.base import BatchContext
 from kdpipe.distill.targets import CachedTeacher, OnlineTeacher, TeacherLogits
 from kdpipe.errors import KdpipeError
-from kdpipe.io import atomic_dir, file_digest, read_json, write_json
+from kdpipe.io import atomic_dir, file_digest, read_json, restore_hint, write_json
 from kdpipe.runtime import Runtime, setup_runtime
 
 FORMAT = "kdpipe-teacher-targets/2"  # 2: logits_sha256, no timing
@@ -164,7 +164,7 @@ def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any], module: n
             "re-run the teacher_targets stage (dvc repro) or use kd.teacher_targets=online."
         )
     logits_path = out_dir / LOGITS_FILE
-    rebuild = f"rebuild it with `dvc repro -f -s teacher_targets` or restore it with `dvc checkout {out_dir}`"
+    rebuild = f"rebuild it with `dvc repro -f -s teacher_targets` or {restore_hint(out_dir)}"
     if not logits_path.is_file() or file_digest(logits_path) != meta.get("logits_sha256"):
         raise KdpipeError(f"{logits_path} is missing or its contents changed since the teacher_targets stage wrote "
                           f"it (sha256 differs from meta.json); {rebuild}.")

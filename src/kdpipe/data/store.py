@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kdpipe.errors import KdpipeError
+from kdpipe.io import restore_hint
 
 # The most image bytes prepare holds at once per step (decoded images waiting to be written,
 # a block read back, a block written). A module constant, not a parameter: it changes how much
@@ -243,7 +244,7 @@ def open_images(path: Path, rebuild: str) -> torch.Tensor:
     expected = offset + int(np.prod(shape))
     if os.path.getsize(path) != expected:
         raise KdpipeError(f"{path} is truncated or corrupt ({os.path.getsize(path)} bytes, expected {expected}); "
-                          f"{rebuild}, or restore it with `dvc checkout {path.parent}`.")
+                          f"{rebuild}, or {restore_hint(path.parent)}.")
     if not int(np.prod(shape)):
         return torch.empty(shape, dtype=torch.uint8)
     mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdpipe.errors import KdpipeError
-from kdpipe.io import load_torch, save_torch
+from kdpipe.io import load_torch, restore_hint, save_torch
 from kdpipe.plugins import Registry
 from kdpipe.validation import as_dict
 
@@ -108,7 +108,7 @@ def load(path: str | Path, data_meta: dict[str, Any] | None = None,
     blob = load_torch(path, rebuild)
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT or not MODEL_KEYS <= set(blob):
         raise KdpipeError(f"{path} is not a kdpipe model file (a plain state_dict or another program's file: no "
-                          f"{MODEL_FORMAT!r} header); {rebuild}, or restore it with `dvc checkout {path}`.")
+                          f"{MODEL_FORMAT!r} header); {rebuild}, or {restore_hint(path)}.")
     if data_meta is not None:
         check_matches_data(blob, data_meta, path)
     pre = blob["preprocessing"]
