@@ -91,10 +91,13 @@ def test_atomic_writes_leave_the_old_output_when_they_fail(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "out.txt"]
 
 
+@pytest.mark.e2e
 def test_the_restore_hint_of_a_damaged_output_restores_it_with_real_dvc(tmp_path):
     """The sentence a truncated model or split ends with must work as written: plain
-    ``dvc checkout <path>`` refuses to overwrite a changed file, so the hint carries ``--force``."""
+    ``dvc checkout <path>`` refuses to overwrite a changed file, so the hint carries ``--force``
+    (and quotes a path with a space)."""
     import re
+    import shlex
     import subprocess
     import sys
 
@@ -107,19 +110,21 @@ def test_the_restore_hint_of_a_damaged_output_restores_it_with_real_dvc(tmp_path
     env.pop("DVC_ROOT", None)
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)  # plain checkout would otherwise ask on a terminal
 
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  save:\n    cmd: python -c \"import torch; from kdpipe.io import save_torch; "
-        "save_torch('model.pt', dict(w=torch.arange(6.0)))\"\n    outs:\n      - model.pt\n")
+        "save_torch('my model.pt', dict(w=torch.arange(6.0)))\"\n    outs:\n      - my model.pt\n")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
         assert run(*cmd).returncode == 0, cmd
-    good = (tmp_path / "model.pt").read_bytes()
-    (tmp_path / "model.pt").write_bytes(good[: len(good) // 2])
+    model = tmp_path / "my model.pt"
+    good = model.read_bytes()
+    model.write_bytes(good[: len(good) // 2])
     with pytest.raises(KdpipeError) as refused:
-        load_torch(tmp_path / "model.pt")
+        load_torch(model)
     hint = re.search(r"restore it with `([^`]+)`", str(refused.value)).group(1)
-    assert hint == f"dvc checkout --force {tmp_path / 'model.pt'}"
-    assert run("dvc", "checkout", "model.pt").returncode != 0  # without --force DVC asks, and refuses here
-    assert run(*hint.split()).returncode == 0
-    assert (tmp_path / "model.pt").read_bytes() == good
+    assert shlex.split(hint) == ["dvc", "checkout", "--force", str(model)]
+    assert run("dvc", "checkout", str(model)).returncode != 0  # without --force DVC asks, and refuses here
+    assert run(*shlex.split(hint)).returncode == 0
+    assert model.read_bytes() == good

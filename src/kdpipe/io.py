@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import secrets
+import shlex
 import shutil
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -107,7 +108,7 @@ def save_torch(path: str | Path, obj: Any) -> None:
 def restore_hint(path: str | Path) -> str:
     """How to get DVC's copy of a damaged output back: ``--force``, because DVC otherwise refuses
     to overwrite a changed file (a truncated one is changed) without a confirmation."""
-    return f"restore it with `dvc checkout --force {path}`"
+    return f"restore it with `dvc checkout --force {shlex.quote(str(path))}`"
 
 
 def load_torch(path: str | Path, rebuild: str = "re-run the stage that writes it (dvc repro -f -s <stage>)") -> Any:
