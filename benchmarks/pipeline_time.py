@@ -48,6 +48,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from kdpipe.tracking import RUN_KIND_TAG  # noqa: E402
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' (didn't change|is cached)")
@@ -152,7 +155,7 @@ def mlflow_spans(clone_dir: Path) -> dict[str, float]:
     with sqlite3.connect(db) as con:
         rows = con.execute(
             "SELECT r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "WHERE t.key = 'kdpipe.run_kind' AND t.value = 'stage' ORDER BY r.start_time").fetchall()
+            "WHERE t.key = ? AND t.value = 'stage' ORDER BY r.start_time", (RUN_KIND_TAG,)).fetchall()
     return {name: (end - begin) / 1000 for name, begin, end in rows if end}
 
 
