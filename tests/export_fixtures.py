@@ -16,7 +16,7 @@ from kdpipe.data.prepare import PreparedData
 
 # cheap variants of every architecture (one not listed here is exported with its defaults)
 SMALL = {"resnet18": {"width": 8}, "vea_resnet18": {"width": 8}, "mobilenet_v2": {"input_size": 32},
-         "student_cnn": {"widths": [8, 16]}}
+         "student_cnn": {"widths": [8, 16]}, "fast_cnn": {"widths": [8, 16, 16], "stem_width": 8}}
 
 
 def saved_model(path: Path, arch: str, meta: dict[str, Any], seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:

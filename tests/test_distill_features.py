@@ -17,7 +17,7 @@ from tests import kd_reference as ref
 
 Y = torch.tensor([0, 3, 2])
 ARCHS = {"resnet18": {"width": 16}, "vea_resnet18": {"width": 16}, "mobilenet_v2": {"input_size": 32},
-         "student_cnn": {"widths": [16, 32, 64]}}
+         "student_cnn": {"widths": [16, 32, 64]}, "fast_cnn": {"widths": [16, 32, 64], "stem_width": 8}}
 
 
 # ---- pair_stages ------------------------------------------------------------------------------

@@ -11,23 +11,25 @@ from kdpipe import models
 from kdpipe.config import parse_params
 from kdpipe.errors import ConfigError, KdpipeError
 from kdpipe.models import FeatureTap
+from kdpipe.models.fast_cnn import FastCnnSettings
 from kdpipe.models.mobilenet import MobileNetSettings
 from kdpipe.models.resnet import ResNetSettings
 from kdpipe.models.student import StudentCnnSettings
 
 SHAPES = [(1, 8), (3, 32), (3, 100)]
 SMALL = {"resnet18": {"width": 16}, "vea_resnet18": {"width": 16}, "mobilenet_v2": {"input_size": 32},
-         "student_cnn": {"widths": [16, 32, 64]}}  # cheap variants: the tests stay fast
+         "student_cnn": {"widths": [16, 32, 64]}, "fast_cnn": {"widths": [16, 32, 64], "stem_width": 8}}  # cheap variants: the tests stay fast
 META = {"class_names": ["zero", "one", "two"], "channels": 1, "image_size": 8, "mean": [0.25], "std": [0.5]}
 
 
 def test_architectures_are_registered_for_their_roles_with_their_settings():
-    assert set(models.MODELS.names(roles="teacher")) == {"resnet18", "vea_resnet18", "mobilenet_v2"}
+    assert set(models.MODELS.names(roles="teacher")) == {"resnet18", "vea_resnet18", "mobilenet_v2", "fast_cnn"}
     assert set(models.MODELS.names(roles="student")) == {"student_cnn"}
     assert set(models.MODELS.names()) == set(SMALL)
     settings = {name: models.MODELS.get(name).settings for name in models.MODELS.names()}
     assert settings == {"resnet18": ResNetSettings, "vea_resnet18": ResNetSettings,
-                        "mobilenet_v2": MobileNetSettings, "student_cnn": StudentCnnSettings}
+                        "mobilenet_v2": MobileNetSettings, "student_cnn": StudentCnnSettings,
+                        "fast_cnn": FastCnnSettings}
     with pytest.raises(ConfigError, match="arch='student_cnn' is not allowed; expected one of"):
         models.MODELS.get("student_cnn", roles="teacher")
 
@@ -73,6 +75,7 @@ def test_arch_params_are_the_settings_fields_by_default():
     ("student_cnn", {"widths": [8, 16], "dropout": 0.1}),
     ("resnet18", {}),
     ("resnet18", {"width": 8}),  # a narrow teacher rebuilds with its width
+    ("fast_cnn", {"widths": [8, 16], "stem_width": 4}),
     ("mobilenet_v2", {"input_size": 32, "data_mean": [0.25], "data_std": [0.5], "freeze_backbone": False}),
 ])
 def test_save_load_round_trip(tmp_path, arch, arch_params):

@@ -12,7 +12,8 @@ Stage pairing (``pair_stages``): models list their stages shallow→deep in ``fe
   student's 16/8/4 maps meet ``layer2/3/4``'s 16/8/4; on 8×8 digits 4/2/1 meet 4/2/1.
 * S > T: student stages are spread evenly over the teacher's, ``round(i·(T-1)/(S-1))``.
 
-Maps that still differ in size (MobileNetV2 at its own input size, odd sizes) are matched by
+Maps that still differ in size (MobileNetV2 at its own input size, ``fast_cnn``'s 15/7/3 maps
+after its 2×2 stem on 32×32, odd sizes) are matched by
 resizing the teacher's map to the student's (:func:`kdpipe.distill.losses.resize_map`).
 """
 
