@@ -66,7 +66,7 @@ ui: setup  ## the MLflow UI on the project's tracking store, on 127.0.0.1 only; 
 	@case "$${MLFLOW_TRACKING_URI:-}" in \
 	  http://*|https://*) echo "MLFLOW_TRACKING_URI is a tracking server, which is its own UI: open $$MLFLOW_TRACKING_URI";; \
 	  *) echo "MLflow runs table: $$($(BIN)/kdpipe ui-url --port $${PORT:-5000} 2>/dev/null || echo http://127.0.0.1:$${PORT:-5000})" && \
-	     set -x && $(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $${PORT:-5000};; \
+	     set -x && PYTHONWARNINGS="$${PYTHONWARNINGS:+$$PYTHONWARNINGS,}ignore:starlette.middleware.wsgi is deprecated" $(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $${PORT:-5000};; \
 	esac
 
 server: setup  ## a team MLflow tracking server on 127.0.0.1:PORT (5000): runs in SQLite under mlflow-server/ (BACKEND=postgresql://... for PostgreSQL), artifacts proxied into mlflow-server/artifacts
