@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".git", ".venv", ".dvc", "mlruns", "mlflow.db", ".kdpipe", ".gpu", "__pycache__"}  # at the root
 
 
+# kdpipe.presets edits params.yaml through ruamel (kept comments), which a GPU box without DVC
+# lacks: these two do the same on plain PyYAML dicts for the scratch copy.
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -47,16 +49,20 @@ def set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
     tree[leaf] = yaml.safe_load(raw)
 
 
-def stage_commands(params: dict[str, Any]) -> list[tuple[str, str]]:
-    """(name, cmd) for every stage of dvc.yaml in its order, foreach expanded."""
+def stage_commands(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """(name, cmd, cached outs) for every stage of dvc.yaml in its order, foreach expanded;
+    the cached outs are those DVC stores (not ``cache: false`` metrics, plots and histories)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     out = []
     for name, stage in stages.items():
-        if "foreach" in stage:
-            for item in params["kd"]["methods"]:
-                out.append((f"{name}@{item}", stage["do"]["cmd"].replace("${item}", str(item))))
-        else:
-            out.append((name, stage["cmd"]))
+        items = [(f"{name}@{item}", stage["do"], str(item)) for item in params["kd"]["methods"]] \
+            if "foreach" in stage else [(name, stage, None)]
+        for full_name, body, item in items:
+            def sub(text: str) -> str:
+                return text.replace("${item}", item) if item else text
+            cached = [o if isinstance(o, str) else next(iter(o)) for o in body.get("outs", [])
+                      if isinstance(o, str) or next(iter(o.values())).get("cache", True)]
+            out.append((full_name, sub(body["cmd"]), [sub(o) for o in cached]))
     return out
 
 
@@ -99,8 +105,8 @@ def main() -> None:
     import torch
     print(f"torch {torch.__version__}, CUDA {torch.cuda.is_available()}"
           + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""), flush=True)
-    commands = stage_commands(params)
-    times = {name: run(name, cmd, args.dir, env) for name, cmd in commands}
+    commands = {name: (cmd, cached) for name, cmd, cached in stage_commands(params)}
+    times = {name: run(name, cmd, args.dir, env) for name, (cmd, _) in commands.items()}
     total = sum(times.values())
     print(f"== all stages: {total:.1f} s ({total / 60:.1f} min)")
     evaluation = json.loads((args.dir / "metrics/evaluation.json").read_text())
@@ -108,13 +114,12 @@ def main() -> None:
         if isinstance(values, dict) and "test_accuracy" in values:
             print(f"   {model}: test {values['test_accuracy']}  ci95 {values.get('test_accuracy_ci95')}")
 
-    outs = {"train_student": ["models/baseline.pt"], "teacher_targets": ["data/teacher_targets"],
-            "train_teacher": ["models/teacher.pt"]}
     for name in args.repeat:
-        files = [args.dir / p for p in outs[name]]
+        cmd, cached = commands[name]
+        files = [args.dir / p for p in cached]
         files = [f for p in files for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])]
         before = {str(f.relative_to(args.dir)): digest(f) for f in files}
-        run(f"{name} again", dict(commands)[name], args.dir, env)
+        run(f"{name} again", cmd, args.dir, env)
         after = {k: digest(args.dir / k) for k in before}
         same = before == after
         print(f"== {name} twice: {'same bytes' if same else 'DIFFERENT bytes'} "
