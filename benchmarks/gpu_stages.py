@@ -49,6 +49,31 @@ def set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
     tree[leaf] = yaml.safe_load(raw)
 
 
+def write_params(project: Path, sets: list[str], preset: str | None = None) -> dict[str, Any]:
+    """Write ``KEY=VALUE`` settings (after the preset, if any) into a scratch copy's params.yaml."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    if preset:
+        merge(params, yaml.safe_load((ROOT / "conf/presets" / f"{preset}.yaml").read_text()))
+    for item in sets:
+        key, _, value = item.partition("=")
+        set_dotted(params, key, value)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def scratch_copy(dest: Path, preset: str | None, sets: list[str]) -> dict[str, Any]:
+    """Copy the project (no .git, venv, DVC or MLflow state) to ``dest`` with the preset and
+    settings written into its params.yaml, MLflow off; returns those params."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP and Path(d) == ROOT])
+    return write_params(dest, ["mlflow.enabled=false", *sets], preset)
+
+
+def stage_env(project: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(project / "src"), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+
+
 def stage_commands(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     """(name, cmd, cached outs) for every stage of dvc.yaml in its order, foreach expanded;
     the cached outs are those DVC stores (not ``cache: false`` metrics, plots and histories)."""
@@ -89,18 +114,8 @@ def main() -> None:
                         help="stages run twice to compare their model files' bytes")
     args = parser.parse_args()
 
-    if args.dir.exists():
-        shutil.rmtree(args.dir)
-    shutil.copytree(ROOT, args.dir, ignore=lambda d, names: [n for n in names if n in SKIP and Path(d) == ROOT])
-    params = yaml.safe_load((args.dir / "params.yaml").read_text())
-    if args.preset:
-        merge(params, yaml.safe_load((ROOT / "conf/presets" / f"{args.preset}.yaml").read_text()))
-    params["mlflow"]["enabled"] = False
-    for item in args.set:
-        key, _, value = item.partition("=")
-        set_dotted(params, key, value)
-    (args.dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(args.dir / "src"), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    params = scratch_copy(args.dir, args.preset, args.set)
+    env = stage_env(args.dir)
 
     import torch
     print(f"torch {torch.__version__}, CUDA {torch.cuda.is_available()}"
