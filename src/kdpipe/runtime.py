@@ -8,7 +8,7 @@ Measured on a 2-core AVX-512-BF16 CPU, bf16 vs fp32 training steps: the 95K stud
 58.4% vs 58.2%), ResNet-18 1.3× on 8×8 digits and 1.8–2.2× on 32×32 images; the digits
 student gained nothing. The decision is a pure function of architecture and input size,
 never of a timing, so every stage and every run agrees on it. channels_last helped or was
-neutral for every model measured, so ``auto`` turns it on.
+neutral for every model measured, so ``auto`` turns it on, except under ``compile`` on a GPU.
 """
 
 from __future__ import annotations
@@ -120,7 +120,9 @@ def setup_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
     if device.type == "cuda":
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         amp_dtype = None if cfg.bf16 == "off" else amp
-        channels_last = cfg.channels_last != "off"
+        # auto: off under torch.compile, whose generated backward failed on an H200 (torch 2.11)
+        # with channels-last convolutions (a stride assertion in convolution_backward)
+        channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and not cfg.compile)
     else:
         # auto: bf16 is possible here; Runtime.for_model keeps it only for models worth it
         amp_dtype = torch.bfloat16 if cfg.bf16 == "on" or (cfg.bf16 == "auto" and cpu_supports_bf16()) else None
