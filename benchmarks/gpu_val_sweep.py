@@ -77,16 +77,24 @@ class Sweep:
         return project
 
 
+def result_key(model: str, seed: int, epochs: int, teacher: int | None = None) -> str:
+    """``baseline se80 s42`` or ``logit t50 se80 s42``: one student's entry in results.json."""
+    return f"{model} t{teacher} se{epochs} s{seed}" if teacher is not None else f"{model} se{epochs} s{seed}"
+
+
 def summary(results: dict[str, dict[str, Any]], teachers: list[int], seeds: list[int], epochs: int) -> list[str]:
     """Mean validation accuracy per method and its paired difference against the baseline."""
     lines = []
     for key in ("best_val", "last_val"):
-        base = {s: results.get(f"baseline se{epochs} s{s}", {}).get(key) for s in seeds}
-        lines.append(f"{key}: baseline {statistics.mean(v for v in base.values() if v is not None):.2f}")
+        base = {s: results[result_key("baseline", s, epochs)][key] for s in seeds
+                if result_key("baseline", s, epochs) in results}
+        if not base:
+            return ["no baseline finished: nothing to compare against"]
+        lines.append(f"{key}: baseline {statistics.mean(base.values()):.2f}")
         for t in teachers:
             for m in METHODS:
-                pairs = [(results[f"{m} t{t} se{epochs} s{s}"][key], base[s]) for s in seeds
-                         if f"{m} t{t} se{epochs} s{s}" in results and base[s] is not None]
+                pairs = [(results[result_key(m, s, epochs, t)][key], base[s]) for s in base
+                         if result_key(m, s, epochs, t) in results]
                 if len(pairs) < 2:
                     continue
                 diffs = [a - b for a, b in pairs]
@@ -126,7 +134,7 @@ def main() -> None:
     def baseline(s: int) -> None:
         project = sweep.branch(base, f"b_s{s}", [*student, f"student.seed={s}"])
         seconds = sweep.stages(project, ["python stages/train_student.py"], f"b_s{s}")
-        sweep.record(f"baseline se{args.epochs} s{s}", project, "baseline", seconds)
+        sweep.record(result_key("baseline", s, args.epochs), project, "baseline", seconds)
 
     def distil(t: int, s: int) -> None:
         project = sweep.branch(args.dir / f"t{t}", f"t{t}_s{s}", [*student, f"student.seed={s}"])
@@ -134,7 +142,7 @@ def main() -> None:
                     *(f"python stages/distill.py --method {m}" for m in METHODS)]
         seconds = sweep.stages(project, commands, f"t{t}_s{s}")
         for m in METHODS:
-            sweep.record(f"{m} t{t} se{args.epochs} s{s}", project, f"distilled_{m}", seconds)
+            sweep.record(result_key(m, s, args.epochs, t), project, f"distilled_{m}", seconds)
 
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         jobs = {pool.submit(teacher, t): ("teacher", t) for t in teachers}
