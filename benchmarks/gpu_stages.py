@@ -70,8 +70,10 @@ def scratch_copy(dest: Path, preset: str | None, sets: list[str]) -> dict[str, A
     return write_params(dest, ["mlflow.enabled=false", *sets], preset)
 
 
-def stage_env(project: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(project / "src"), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+def run_stage(cmd: str, project: Path, **popen: Any) -> subprocess.CompletedProcess:
+    """Run one dvc.yaml ``cmd`` in a scratch copy with this interpreter and its own ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(project / "src"), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=project, env=env, **popen)
 
 
 def stage_commands(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
@@ -95,9 +97,9 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def run(name: str, cmd: str, cwd: Path, env: dict[str, str]) -> float:
+def run(name: str, cmd: str, project: Path) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=cwd, env=env)
+    proc = run_stage(cmd, project)
     seconds = time.perf_counter() - start
     print(f"== {name}: {seconds:.1f} s (rc {proc.returncode})", flush=True)
     if proc.returncode:
@@ -115,13 +117,12 @@ def main() -> None:
     args = parser.parse_args()
 
     params = scratch_copy(args.dir, args.preset, args.set)
-    env = stage_env(args.dir)
 
     import torch
     print(f"torch {torch.__version__}, CUDA {torch.cuda.is_available()}"
           + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""), flush=True)
     commands = {name: (cmd, cached) for name, cmd, cached in stage_commands(params)}
-    times = {name: run(name, cmd, args.dir, env) for name, (cmd, _) in commands.items()}
+    times = {name: run(name, cmd, args.dir) for name, (cmd, _) in commands.items()}
     total = sum(times.values())
     print(f"== all stages: {total:.1f} s ({total / 60:.1f} min)")
     evaluation = json.loads((args.dir / "metrics/evaluation.json").read_text())
@@ -134,7 +135,7 @@ def main() -> None:
         files = [args.dir / p for p in cached]
         files = [f for p in files for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])]
         before = {str(f.relative_to(args.dir)): digest(f) for f in files}
-        run(f"{name} again", cmd, args.dir, env)
+        run(f"{name} again", cmd, args.dir)
         after = {k: digest(args.dir / k) for k in before}
         same = before == after
         print(f"== {name} twice: {'same bytes' if same else 'DIFFERENT bytes'} "

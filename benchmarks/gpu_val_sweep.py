@@ -6,8 +6,8 @@ on a 2-core CPU each seed costs 10-20 minutes. A GPU box (16 cores, one GPU) run
 student trainings at once, each Python-bound and light on the GPU. This prepares the data once,
 trains one teacher per ``--teachers`` epoch count, then for every (teacher, seed) runs
 ``teacher_targets``, ``kd_settings`` and ``distill`` for ``logit`` and ``dkd``, and for every
-seed the baseline, each chain in its own scratch copy of the project, with the same stage
-commands as dvc.yaml. It collects **validation accuracies only** (best over epochs and the
+seed the baseline, each chain in its own scratch copy of the project, with the stage
+commands read from dvc.yaml. It collects **validation accuracies only** (best over epochs and the
 last epoch's) and prints each method's mean and its paired difference against the baseline of
 the same seed, so the test split plays no part in the choice.
 
@@ -27,19 +27,19 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from gpu_stages import scratch_copy, stage_env, write_params
+from gpu_stages import run_stage, scratch_copy, stage_commands, write_params
 
 METHODS = ("logit", "dkd")
 
 
 class Sweep:
-    def __init__(self, scratch: Path, out: Path) -> None:
+    def __init__(self, scratch: Path, out: Path, commands: dict[str, str]) -> None:
         self.scratch, self.out, self.start = scratch, out, time.time()
+        self.commands = commands  # dvc.yaml's cmd per stage name (foreach expanded)
         self.results: dict[str, dict[str, Any]] = {}
         (scratch / "logs").mkdir(parents=True, exist_ok=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -50,13 +50,13 @@ class Sweep:
         with open(self.out / "log.txt", "a") as f:
             f.write(line + "\n")
 
-    def stages(self, project: Path, commands: list[str], tag: str) -> float:
-        """Run stage commands in ``project``, their output in logs/<tag>.log; seconds taken."""
+    def stages(self, project: Path, names: list[str], tag: str) -> float:
+        """Run dvc.yaml stages by name in ``project``, their output in logs/<tag>.log; seconds taken."""
         start = time.time()
         with open(self.scratch / "logs" / f"{tag}.log", "a") as log:
-            for cmd in commands:
-                done = subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, cwd=project,
-                                      env=stage_env(project), stdout=log, stderr=subprocess.STDOUT)
+            for name in names:
+                cmd = self.commands[name]
+                done = run_stage(cmd, project, stdout=log, stderr=subprocess.STDOUT)
                 if done.returncode:
                     raise RuntimeError(f"{cmd} failed with rc {done.returncode} (see logs/{tag}.log)")
         return time.time() - start
@@ -120,27 +120,25 @@ def main() -> None:
     if args.dir.exists():
         shutil.rmtree(args.dir)
     base = args.dir / "base"
-    scratch_copy(base, args.preset, args.set)
-    sweep = Sweep(args.dir, args.out)
-    sweep.stages(base, ["python stages/check_params.py", "python stages/download.py", "python stages/prepare.py"],
-                 "prepare")
+    params = scratch_copy(base, args.preset, [*args.set, f"kd.methods=[{','.join(METHODS)}]"])
+    sweep = Sweep(args.dir, args.out, {name: cmd for name, cmd, _ in stage_commands(params)})
+    sweep.stages(base, ["check_params", "download", "prepare"], "prepare")
     sweep.log("data prepared")
     student = [f"student.epochs={args.epochs}"]
 
     def teacher(t: int) -> None:
         project = sweep.branch(base, f"t{t}", [f"teacher.epochs={t}"])
-        sweep.record(f"teacher t{t}", project, "teacher", sweep.stages(project, ["python stages/train_teacher.py"], f"t{t}"))
+        sweep.record(f"teacher t{t}", project, "teacher", sweep.stages(project, ["train_teacher"], f"t{t}"))
 
     def baseline(s: int) -> None:
         project = sweep.branch(base, f"b_s{s}", [*student, f"student.seed={s}"])
-        seconds = sweep.stages(project, ["python stages/train_student.py"], f"b_s{s}")
+        seconds = sweep.stages(project, ["train_student"], f"b_s{s}")
         sweep.record(result_key("baseline", s, args.epochs), project, "baseline", seconds)
 
     def distil(t: int, s: int) -> None:
         project = sweep.branch(args.dir / f"t{t}", f"t{t}_s{s}", [*student, f"student.seed={s}"])
-        commands = ["python stages/teacher_targets.py", "python stages/kd_settings.py",
-                    *(f"python stages/distill.py --method {m}" for m in METHODS)]
-        seconds = sweep.stages(project, commands, f"t{t}_s{s}")
+        seconds = sweep.stages(project, ["teacher_targets", "kd_settings", *(f"distill@{m}" for m in METHODS)],
+                               f"t{t}_s{s}")
         for m in METHODS:
             sweep.record(result_key(m, s, args.epochs, t), project, f"distilled_{m}", seconds)
 
