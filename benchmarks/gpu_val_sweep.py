@@ -1,17 +1,21 @@
-"""Validation sweep of teacher lengths over several student seeds, run as parallel stage chains.
+"""Validation sweep of teacher lengths and student recipes over several student seeds, run as
+parallel stage chains.
 
 Why: on the 3.5K-image CIFAR-10 slice one run's validation accuracy has a standard error of
 about 1.8 points (609 images), so a recipe chosen from one seed is mostly chosen by noise, and
 on a 2-core CPU each seed costs 10-20 minutes. A GPU box (16 cores, one GPU) runs a dozen
 student trainings at once, each Python-bound and light on the GPU. This prepares the data once,
-trains one teacher per ``--teachers`` epoch count, then for every (teacher, seed) runs
-``teacher_targets``, ``kd_settings`` and ``distill`` for ``logit`` and ``dkd``, and for every
-seed the baseline, each chain in its own scratch copy of the project, with the stage
-commands read from dvc.yaml. It collects **validation accuracies only** (best over epochs and the
-last epoch's) and prints each method's mean and its paired difference against the baseline of
-the same seed, so the test split plays no part in the choice.
+trains one teacher per ``--teachers`` epoch count, then for every student recipe
+(``--variant NAME KEY=VALUE ...``: params set for the students, e.g. their epochs and mixing),
+every teacher and every seed runs ``teacher_targets``, ``kd_settings`` and ``distill`` for
+``logit`` and ``dkd`` (the two in parallel), and for every recipe and seed the baseline, each
+chain in its own scratch copy of the project, with the stage commands read from dvc.yaml. It
+collects **validation accuracies only** (best over epochs and the last epoch's) and prints
+each method's mean, its paired difference against the baseline of the same recipe and seed,
+and against the best baseline recipe's, so the test split plays no part in the choice.
 
-    PYTHONPATH=src python3 benchmarks/gpu_val_sweep.py --out results/ \
+    PYTHONPATH=src python3 benchmarks/gpu_val_sweep.py --out results/ --teachers 50 \
+        --variant se80 student.epochs=80 --variant se160mix student.epochs=160 data.augment.mix=mixup \
         --set data.cifar10.url=/path/cifar-10-mini-python.tar.gz --set data.cifar10.md5=...
 
 Only ``results.json`` and ``log.txt`` are written under ``--out``; the stages' logs stay in
@@ -27,6 +31,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,13 +46,14 @@ class Sweep:
         self.scratch, self.out, self.start = scratch, out, time.time()
         self.commands = commands  # dvc.yaml's cmd per stage name (foreach expanded)
         self.results: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()  # chains finish in parallel threads
         (scratch / "logs").mkdir(parents=True, exist_ok=True)
         out.mkdir(parents=True, exist_ok=True)
 
     def log(self, message: str) -> None:
         line = f"[{time.time() - self.start:7.1f} s] {message}"
         print(line, flush=True)
-        with open(self.out / "log.txt", "a") as f:
+        with self.lock, open(self.out / "log.txt", "a") as f:
             f.write(line + "\n")
 
     def stages(self, project: Path, names: list[str], tag: str) -> float:
@@ -65,10 +71,11 @@ class Sweep:
         best = json.loads((project / f"metrics/{model}.json").read_text())
         with open(project / f"plots/history/{model}.csv") as f:
             last = list(csv.DictReader(f))[-1]
-        self.results[key] = {"best_val": best["best_val_accuracy"], "best_epoch": best.get("best_epoch"),
-                             "last_val": float(last["val_acc"]), "last_train": float(last["train_acc"]),
-                             "seconds": round(seconds, 1)}
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        with self.lock:
+            self.results[key] = {"best_val": best["best_val_accuracy"], "best_epoch": best.get("best_epoch"),
+                                 "last_val": float(last["val_acc"]), "last_train": float(last["train_acc"]),
+                                 "seconds": round(seconds, 1)}
+            (self.out / "results.json").write_text(json.dumps(self.results, indent=1, sort_keys=True))
 
     def branch(self, source: Path, name: str, sets: list[str]) -> Path:
         project = self.scratch / name
@@ -77,29 +84,46 @@ class Sweep:
         return project
 
 
-def result_key(model: str, seed: int, epochs: int, teacher: int | None = None) -> str:
+def result_key(model: str, seed: int, variant: str, teacher: int | None = None) -> str:
     """``baseline se80 s42`` or ``logit t50 se80 s42``: one student's entry in results.json."""
-    return f"{model} t{teacher} se{epochs} s{seed}" if teacher is not None else f"{model} se{epochs} s{seed}"
+    return f"{model} t{teacher} {variant} s{seed}" if teacher is not None else f"{model} {variant} s{seed}"
 
 
-def summary(results: dict[str, dict[str, Any]], teachers: list[int], seeds: list[int], epochs: int) -> list[str]:
-    """Mean validation accuracy per method and its paired difference against the baseline."""
+def paired(results: dict[str, dict[str, Any]], key: str, model: str, base: dict[int, float]) -> str:
+    """``mean, vs baseline +d ± sd`` of one student recipe over the seeds it shares with ``base``."""
+    pairs = [(results[model.format(s=s)][key], b) for s, b in base.items() if model.format(s=s) in results]
+    if len(pairs) < 2:
+        return "fewer than 2 seeds finished"
+    diffs = [a - b for a, b in pairs]
+    return (f"{statistics.mean(a for a, _ in pairs):.2f}, vs baseline {statistics.mean(diffs):+.2f} "
+            f"± {statistics.stdev(diffs):.2f} (std over {len(pairs)} seeds)")
+
+
+def summary(results: dict[str, dict[str, Any]], teachers: list[int], seeds: list[int],
+            variants: list[str]) -> list[str]:
+    """Mean validation accuracy per recipe and method, with its paired difference against the
+    baseline of the same recipe and against the best baseline recipe (KD must beat the best)."""
     lines = []
     for key in ("best_val", "last_val"):
-        base = {s: results[result_key("baseline", s, epochs)][key] for s in seeds
-                if result_key("baseline", s, epochs) in results}
-        if not base:
+        bases = {v: {s: results[result_key("baseline", s, v)][key] for s in seeds
+                     if result_key("baseline", s, v) in results} for v in variants}
+        bases = {v: b for v, b in bases.items() if b}
+        if not bases:
             return ["no baseline finished: nothing to compare against"]
-        lines.append(f"{key}: baseline {statistics.mean(base.values()):.2f}")
-        for t in teachers:
-            for m in METHODS:
-                pairs = [(results[result_key(m, s, epochs, t)][key], base[s]) for s in base
-                         if result_key(m, s, epochs, t) in results]
-                if len(pairs) < 2:
-                    continue
-                diffs = [a - b for a, b in pairs]
-                lines.append(f"  teacher {t} ep, {m}: {statistics.mean(a for a, _ in pairs):.2f}, vs baseline "
-                             f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} (std over {len(pairs)} seeds)")
+        best = max(bases, key=lambda v: statistics.mean(bases[v].values()))
+        lines.append(f"{key}: best baseline {best}")
+        for v in variants:
+            if v not in bases:
+                lines.append(f"  {v}: no baseline finished")
+                continue
+            lines.append(f"  {v}: baseline {statistics.mean(bases[v].values()):.2f} over {len(bases[v])} seeds")
+            for t in teachers:
+                for m in METHODS:
+                    model = result_key(m, 0, v, t).replace(" s0", " s{s}")
+                    lines.append(f"    teacher {t} ep, {m}: {paired(results, key, model, bases[v])}")
+                    if v != best:
+                        lines.append(f"      against the {best} baseline: "
+                                     f"{paired(results, key, model, bases[best]).split(', ', 1)[-1]}")
     return lines
 
 
@@ -111,11 +135,14 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml value")
     parser.add_argument("--teachers", default="50,75,100", help="teacher.epochs values, one teacher each")
     parser.add_argument("--seeds", default="42,1,2,3", help="student seeds")
-    parser.add_argument("--epochs", type=int, default=80, help="student.epochs")
+    parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                        help="a student recipe: its name, then params.yaml values set for the baseline "
+                             "and the distilled students (repeatable; default: se80 student.epochs=80)")
     parser.add_argument("--jobs", type=int, default=12, help="chains run at once")
     args = parser.parse_args()
     teachers = [int(t) for t in args.teachers.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    variants = {v[0]: v[1:] for v in (args.variant or [["se80", "student.epochs=80"]])}
 
     if args.dir.exists():
         shutil.rmtree(args.dir)
@@ -124,27 +151,30 @@ def main() -> None:
     sweep = Sweep(args.dir, args.out, {name: cmd for name, cmd, _ in stage_commands(params)})
     sweep.stages(base, ["check_params", "download", "prepare"], "prepare")
     sweep.log("data prepared")
-    student = [f"student.epochs={args.epochs}"]
-
     def teacher(t: int) -> None:
         project = sweep.branch(base, f"t{t}", [f"teacher.epochs={t}"])
         sweep.record(f"teacher t{t}", project, "teacher", sweep.stages(project, ["train_teacher"], f"t{t}"))
 
-    def baseline(s: int) -> None:
-        project = sweep.branch(base, f"b_s{s}", [*student, f"student.seed={s}"])
-        seconds = sweep.stages(project, ["train_student"], f"b_s{s}")
-        sweep.record(result_key("baseline", s, args.epochs), project, "baseline", seconds)
+    def baseline(v: str, s: int) -> None:
+        project = sweep.branch(base, f"b_{v}_s{s}", [*variants[v], f"student.seed={s}"])
+        seconds = sweep.stages(project, ["train_student"], f"b_{v}_s{s}")
+        sweep.record(result_key("baseline", s, v), project, "baseline", seconds)
 
-    def distil(t: int, s: int) -> None:
-        project = sweep.branch(args.dir / f"t{t}", f"t{t}_s{s}", [*student, f"student.seed={s}"])
-        seconds = sweep.stages(project, ["teacher_targets", "kd_settings", *(f"distill@{m}" for m in METHODS)],
-                               f"t{t}_s{s}")
+    def distil(t: int, v: str, s: int) -> None:
+        tag = f"t{t}_{v}_s{s}"
+        project = sweep.branch(args.dir / f"t{t}", tag, [*variants[v], f"student.seed={s}"])
+        seconds = sweep.stages(project, ["teacher_targets", "kd_settings"], tag)
+        # the methods are independent once the targets exist; each gets its own copy, since
+        # kdpipe lets one stage at a time run in a workspace
+        copies = {m: sweep.branch(project, f"{tag}_{m}", []) for m in METHODS}
+        with cf.ThreadPoolExecutor(len(METHODS)) as methods:
+            runs = {m: methods.submit(sweep.stages, copies[m], [f"distill@{m}"], f"{tag}_{m}") for m in METHODS}
         for m in METHODS:
-            sweep.record(result_key(m, s, args.epochs, t), project, f"distilled_{m}", seconds)
+            sweep.record(result_key(m, s, v, t), copies[m], f"distilled_{m}", seconds + runs[m].result())
 
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         jobs = {pool.submit(teacher, t): ("teacher", t) for t in teachers}
-        jobs.update({pool.submit(baseline, s): ("baseline", s) for s in seeds})
+        jobs.update({pool.submit(baseline, v, s): ("baseline", (v, s)) for v in variants for s in seeds})
         pending = set(jobs)
         while pending:
             done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -155,11 +185,12 @@ def main() -> None:
                     continue
                 sweep.log(f"{kind} {key} done")
                 if kind == "teacher":  # its students start as soon as it is trained
-                    for s in seeds:
-                        nxt = pool.submit(distil, key, s)
-                        jobs[nxt] = ("distil", (key, s))
-                        pending.add(nxt)
-    for line in summary(sweep.results, teachers, seeds, args.epochs):
+                    for v in variants:
+                        for s in seeds:
+                            nxt = pool.submit(distil, key, v, s)
+                            jobs[nxt] = ("distil", (key, v, s))
+                            pending.add(nxt)
+    for line in summary(sweep.results, teachers, seeds, list(variants)):
         sweep.log(line)
 
 
