@@ -125,6 +125,22 @@ def test_headline_says_below_the_teacher_with_the_old_key():
     assert "Against the teacher: -1.10 points (below it)" in line
 
 
+def test_headline_gives_the_gap_size_and_flags_a_gap_within_noise():
+    # the committed digits run: the teacher is one of 269 test images above the baseline, so DKD's
+    # +1.12 points are "300% of the gap", a share that says nothing
+    evaluation = {"teacher": {"test_accuracy": 99.2565}, "baseline": {"test_accuracy": 98.8848},
+                  "distilled_dkd": {**_student(100.0, 0.7435, 1.1152, [0.0, 2.6022], 0.25), "gap_closed": 3.0}}
+    (line,) = [line for line in headline(evaluation, 269) if line]
+    assert ("it closes 300% of the teacher–baseline gap of 0.37 points (1 test image), a gap narrower than "
+            "this comparison's own uncertainty, so that share says little.") in line
+    # the CIFAR-10 slice, seed 42: a 29-image gap, wider than the half-width of [-1.47, +3.64]
+    evaluation = {"teacher": {"test_accuracy": 72.2714}, "baseline": {"test_accuracy": 69.4199},
+                  "distilled_logit": {**_student(70.3048, -1.97, 0.8849, [-1.4749, 3.6382], 0.5), "gap_closed": 0.3103}}
+    (line,) = [line for line in headline(evaluation, 1017) if line]
+    assert "it closes 31% of the teacher–baseline gap of 2.85 points (29 test images)." in line
+    assert "says little" not in line
+
+
 # ---- figure choices --------------------------------------------------------------------------
 
 

@@ -568,10 +568,35 @@ def _verdict(m: dict[str, Any], test_images: int) -> str:
     return f"{measured}: not significant {on}"
 
 
-def _gap_words(m: dict[str, Any]) -> str:
-    if m.get("gap_closed") is None:
+def _gap_phrase(gap: float, test_images: int) -> str:
+    """``0.37 points (1 test image)``."""
+    images = round(gap * test_images / 100)
+    return f"{gap:.2f} points ({images:,} test image{'s' if images != 1 else ''})"
+
+
+def _gap_size(gap: float | None, test_images: int) -> str:
+    return "" if gap is None or gap <= 0 else f", a gap of {_gap_phrase(gap, test_images)} here"
+
+
+def teacher_gap(evaluation: dict[str, dict[str, Any]]) -> float | None:
+    """Teacher minus baseline test accuracy (points): the gap ``gap_closed`` divides by."""
+    teacher, baseline = evaluation.get(paths.TEACHER), evaluation.get(paths.BASELINE)
+    if not teacher or not baseline:
+        return None
+    return teacher["test_accuracy"] - baseline["test_accuracy"]
+
+
+def _gap_words(m: dict[str, Any], gap: float | None, test_images: int) -> str:
+    """The share of the gap closed, with the gap's size: a share of a one-image gap (200%,
+    -1000%) is arithmetic on noise, and says so when the gap is narrower than the student's
+    own paired interval."""
+    if m.get("gap_closed") is None or gap is None:
         return "the teacher is not above the baseline, so there is no teacher–baseline gap to close"
-    return f"it closes {m['gap_closed'] * 100:.0f}% of the teacher–baseline gap"
+    words = f"it closes {m['gap_closed'] * 100:.0f}% of the teacher–baseline gap of {_gap_phrase(gap, test_images)}"
+    low, high = m.get("accuracy_diff_ci95") or (0.0, 0.0)
+    if gap < (high - low) / 2:
+        words += ", a gap narrower than this comparison's own uncertainty, so that share says little"
+    return words
 
 
 def _and(names: list[str]) -> str:
@@ -606,7 +631,7 @@ def headline(evaluation: dict[str, dict[str, Any]], test_images: int) -> list[st
         ci = _interval(m.get("test_accuracy_ci95"))
         acc = f"{m['test_accuracy']:.2f}%" + (f" (95% CI {ci}%)" if ci else "")
         if "accuracy_diff_ci95" in m and "mcnemar_p" in m:
-            against = _verdict(m, test_images) + f"; {_gap_words(m)}"
+            against = _verdict(m, test_images) + f"; {_gap_words(m, teacher_gap(evaluation), test_images)}"
         else:
             gain = m["test_accuracy"] - evaluation[paths.BASELINE]["test_accuracy"]
             against = f"{gain:+.2f} points against the baseline"
@@ -800,8 +825,8 @@ def write_report(
         "baseline's, with a 95% paired bootstrap interval over the test images (seeded by `seed`); McNemar p: "
         "exact two-sided test on the images exactly one of the two gets right. A difference counts as "
         "significant when the interval excludes 0 and p < 0.05. Gap closed: (student − baseline) / "
-        "(teacher − baseline); n/a when the teacher is not above the baseline. vs teacher: the model's "
-        "accuracy minus the teacher's (positive: the model is better).",
+        f"(teacher − baseline){_gap_size(teacher_gap(evaluation), len(labels))}; n/a when the teacher is not "
+        "above the baseline. vs teacher: the model's accuracy minus the teacher's (positive: the model is better).",
         "",
     ]
     lines += headline(evaluation, len(labels))
