@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,22 @@ def result_key(model: str, seed: int, variant: str, teacher: int | None = None) 
     return f"{model} t{teacher} {variant} s{seed}" if teacher is not None else f"{model} {variant} s{seed}"
 
 
-def paired(results: dict[str, dict[str, Any]], key: str, model: str, base: dict[int, float]) -> str:
-    """``mean, vs baseline +d ± sd`` of one student recipe over the seeds it shares with ``base``."""
-    pairs = [(results[model.format(s=s)][key], b) for s, b in base.items() if model.format(s=s) in results]
+def paired(results: dict[str, dict[str, Any]], key: str, student: Callable[[int], str],
+           base: dict[int, float]) -> tuple[float, float, float, int] | None:
+    """A student recipe's mean over the seeds it shares with ``base``, and the mean and std of its
+    paired differences against it; ``None`` under two seeds."""
+    pairs = [(results[student(s)][key], b) for s, b in base.items() if student(s) in results]
     if len(pairs) < 2:
-        return "fewer than 2 seeds finished"
+        return None
     diffs = [a - b for a, b in pairs]
-    return (f"{statistics.mean(a for a, _ in pairs):.2f}, vs baseline {statistics.mean(diffs):+.2f} "
-            f"± {statistics.stdev(diffs):.2f} (std over {len(pairs)} seeds)")
+    return statistics.mean(a for a, _ in pairs), statistics.mean(diffs), statistics.stdev(diffs), len(pairs)
+
+
+def _diff_words(stats: tuple[float, float, float, int] | None) -> str:
+    if stats is None:
+        return "fewer than 2 seeds finished"
+    _, mean, std, n = stats
+    return f"vs baseline {mean:+.2f} ± {std:.2f} (std over {n} seeds)"
 
 
 def summary(results: dict[str, dict[str, Any]], teachers: list[int], seeds: list[int],
@@ -119,11 +128,14 @@ def summary(results: dict[str, dict[str, Any]], teachers: list[int], seeds: list
             lines.append(f"  {v}: baseline {statistics.mean(bases[v].values()):.2f} over {len(bases[v])} seeds")
             for t in teachers:
                 for m in METHODS:
-                    model = result_key(m, 0, v, t).replace(" s0", " s{s}")
-                    lines.append(f"    teacher {t} ep, {m}: {paired(results, key, model, bases[v])}")
+                    def student(s: int, m: str = m, v: str = v, t: int = t) -> str:
+                        return result_key(m, s, v, t)
+                    own = paired(results, key, student, bases[v])
+                    lines.append(f"    teacher {t} ep, {m}: "
+                                 + (f"{own[0]:.2f}, " if own else "") + _diff_words(own))
                     if v != best:
                         lines.append(f"      against the {best} baseline: "
-                                     f"{paired(results, key, model, bases[best]).split(', ', 1)[-1]}")
+                                     + _diff_words(paired(results, key, student, bases[best])))
     return lines
 
 
