@@ -30,7 +30,7 @@ def test_combined_has_its_own_section_and_reads_the_logit_kd_values():
     plugin = METHODS.get("combined")
     assert plugin.factory is CombinedKD and plugin.settings is CombinedSettings
     assert plugin.info["needs_teacher_module"] is True
-    assert set(derived_fields(CombinedSettings)) == {"temperature", "alpha", "teacher_targets"}
+    assert set(derived_fields(CombinedSettings)) == {"temperature", "alpha", "teacher_targets", "teacher_flip"}
     settings = method_settings("combined", temperature=3.0, alpha=0.7, attention={"beta": 5.0}, combined={"beta": 10.0})
     assert (settings.beta, settings.p, settings.temperature, settings.alpha) == (10.0, 2, 3.0, 0.7)
 

@@ -44,7 +44,7 @@ def _random_logits(seed: int, rows: int = 7, classes: int = 5, scale: float = 3.
 def test_dist_is_registered_and_reads_temperature_not_kd_alpha():
     plugin = METHODS.get("dist")
     assert plugin.factory is DIST and plugin.settings is DistSettings
-    assert set(derived_fields(DistSettings)) == {"temperature", "teacher_targets"}
+    assert set(derived_fields(DistSettings)) == {"temperature", "teacher_targets", "teacher_flip"}
     settings = method_settings("dist", temperature=2.0, alpha=0.1, teacher_targets="online",
                                dist={"beta": 2.0, "gamma": 0.5, "logit_standardization": True})
     assert (settings.beta, settings.gamma, settings.logit_standardization) == (2.0, 0.5, True)

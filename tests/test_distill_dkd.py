@@ -55,7 +55,7 @@ def test_warmup_factor_is_linear_in_the_zero_based_epoch():
 def test_dkd_reads_its_own_alpha_not_kd_alpha():
     plugin = METHODS.get("dkd")
     assert plugin.factory is DKD and plugin.settings is DkdSettings
-    assert set(derived_fields(DkdSettings)) == {"temperature", "teacher_targets"}
+    assert set(derived_fields(DkdSettings)) == {"temperature", "teacher_targets", "teacher_flip"}
     settings = method_settings("dkd", alpha=0.1, temperature=3.0, dkd={"alpha": 2.0, "beta": 8.0, "warmup_epochs": 0})
     assert (settings.alpha, settings.beta, settings.warmup_epochs, settings.temperature) == (2.0, 8.0, 0, 3.0)
     assert settings.logit_standardization is False

@@ -45,7 +45,7 @@ def make_logit_kd(alpha: float, temperature: float = 3.0, label_smoothing: float
 def test_logit_is_registered_with_the_shared_values_it_reads():
     plugin = METHODS.get("logit")
     assert plugin.factory is LogitKD and plugin.settings is LogitSettings
-    assert set(derived_fields(LogitSettings)) == {"temperature", "alpha", "teacher_targets"}
+    assert set(derived_fields(LogitSettings)) == {"temperature", "alpha", "teacher_targets", "teacher_flip"}
     settings = method_settings("logit", temperature=2.5, alpha=0.25, teacher_targets="online")
     assert (settings.temperature, settings.alpha, settings.teacher_targets) == (2.5, 0.25, "online")
     assert settings.logit_standardization is False  # its one own setting, off by default

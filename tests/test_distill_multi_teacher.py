@@ -28,7 +28,7 @@ META = {"class_names": ["a", "b", "c", "d"], "channels": 1, "image_size": 8, "me
 def test_multi_teacher_is_registered_with_the_shared_values_it_reads():
     plugin = METHODS.get("multi_teacher")
     assert plugin.factory is multi_teacher and plugin.settings is MultiTeacherSettings
-    assert set(derived_fields(MultiTeacherSettings)) == {"temperature", "alpha", "teacher_targets"}
+    assert set(derived_fields(MultiTeacherSettings)) == {"temperature", "alpha", "teacher_targets", "teacher_flip"}
 
 
 # ---- the losses -------------------------------------------------------------------------------
@@ -91,6 +91,19 @@ def test_objective_without_the_pipeline_teacher_uses_the_extra_ones_and_freezes_
     assert terms["kd"].item() == pytest.approx(ref.soft_kl(logits.detach(), z, 2.0), rel=1e-5)
     with pytest.raises(KdpipeError, match="at least one teacher"):
         MultiTeacherKD(student, None, [], 2.0, 0.5)
+
+
+def test_with_teacher_flip_the_extra_teachers_are_averaged_with_their_mirror_images_too():
+    student = models.build("student_cnn", 1, 4, 8, widths=[8])
+    extra = models.build("student_cnn", 1, 4, 8, widths=[12]).eval()
+    x = torch.randn(3, 1, 8, 8)
+    flipped = MultiTeacherKD(student, None, [extra], 2.0, 1.0, flip=True)
+    with torch.no_grad():
+        expected = (extra(x) + extra(x.flip(3))) / 2
+    [got] = flipped.teacher_logits(x, BATCH)
+    assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, extra(x).detach(), atol=1e-4)
+    [plain] = MultiTeacherKD(student, None, [extra], 2.0, 1.0).teacher_logits(x, BATCH)
+    assert torch.equal(plain, extra(x).detach())
 
 
 # ---- extra teachers from model files ----------------------------------------------------------

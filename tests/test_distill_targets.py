@@ -11,6 +11,7 @@ from torch import nn
 
 from kdpipe import models
 from kdpipe.distill import BatchContext, CachedTeacher, FrozenTeacher, OnlineTeacher, TeacherLogits
+from kdpipe.distill.targets import flip_mean
 from kdpipe.errors import KdpipeError
 from kdpipe.runtime import Runtime
 
@@ -98,6 +99,39 @@ def test_online_teacher_with_a_runtime_runs_in_the_teachers_precision_whatever_t
     # without a runtime the caller's autocast decides
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(OnlineTeacher(teacher)(x, batch).float(), bf16)
+
+
+def test_flip_mean_averages_each_images_logits_with_its_mirror_images():
+    """Checked against the teacher run on each image and on its mirror one at a time: the mean
+    of the two, the same for an image and its mirror, and not the teacher's own output."""
+    torch.manual_seed(0)
+    teacher = models.build("resnet18", 3, 4, 8, width=8).eval()
+    x = torch.randn(5, 3, 8, 8)
+    got = flip_mean(teacher, x)
+    with torch.no_grad():
+        for i in range(5):
+            one = teacher(x[i:i + 1])[0]
+            mirrored = teacher(torch.from_numpy(x[i:i + 1].numpy()[..., ::-1].copy()))[0]
+            assert torch.allclose(got[i], (one + mirrored) / 2, atol=1e-5), i
+        assert torch.allclose(flip_mean(teacher, x.flip(3)), got, atol=1e-5)  # mirror-invariant
+        assert not torch.allclose(teacher(x), got, atol=1e-3)
+
+
+def test_online_teacher_with_flip_gives_the_flip_mean_in_the_teachers_precision():
+    teacher = models.build("resnet18", 1, 4, 8, width=8).eval()
+    x = torch.randn(3, 1, 8, 8)
+    batch = BatchContext(torch.arange(3), 0)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        fp32 = flip_mean(teacher, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = flip_mean(teacher, x)
+    off = OnlineTeacher(teacher, Runtime(cpu, 1, None, False, False, bf16_policy="off"), flip=True)
+    on = OnlineTeacher(teacher, Runtime(cpu, 1, torch.bfloat16, False, False, bf16_policy="on"), flip=True)
+    assert torch.equal(off(x, batch), fp32)
+    got = on(x, batch)
+    assert got.dtype == torch.float32 and torch.equal(got, bf16) and not torch.equal(bf16, fp32)
+    assert not torch.equal(OnlineTeacher(teacher, flip=False)(x, batch), fp32)
 
 
 # ---- CachedTeacher ----------------------------------------------------------------------------

@@ -17,9 +17,9 @@ def test_resolved_holds_the_methods_own_section_and_the_shared_values_it_reads()
     params = parse_params({"kd": {"temperature": 3, "alpha": 0.5, "dkd": {"beta": 8}}})
     assert resolved(params, "logit") == {
         "format": FORMAT, "method": "logit", "module": "src/kdpipe/distill/logit.py",
-        "shared": {"temperature": 3.0, "alpha": 0.5, "teacher_targets": "cached"},
+        "shared": {"temperature": 3.0, "alpha": 0.5, "teacher_targets": "cached", "teacher_flip": False},
         "own": {"logit_standardization": False}}
-    assert resolved(params, "dkd")["shared"] == {"temperature": 3.0, "teacher_targets": "cached"}
+    assert resolved(params, "dkd")["shared"] == {"temperature": 3.0, "teacher_targets": "cached", "teacher_flip": False}
     assert resolved(params, "dkd")["own"] == {"alpha": 1.0, "beta": 8.0, "warmup_epochs": 5,
                                               "logit_standardization": False}
     assert resolved(params, "attention")["shared"] == {}
@@ -34,6 +34,9 @@ def test_one_file_per_method_and_only_the_readers_of_a_value_change(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # the stale file is gone
     before = {p.name: p.read_bytes() for p in written}
     write_kd_settings(parse_params({"kd": {"temperature": 3.0}}), out)
+    changed = {p.name for p in out.iterdir() if p.read_bytes() != before[p.name]}
+    assert changed == {f"{m}.json" for m in ("logit", "combined", "dkd", "dist", "multi_teacher")}
+    write_kd_settings(parse_params({"kd": {"teacher_flip": True}}), out)  # every reader of the teacher's logits
     changed = {p.name for p in out.iterdir() if p.read_bytes() != before[p.name]}
     assert changed == {f"{m}.json" for m in ("logit", "combined", "dkd", "dist", "multi_teacher")}
     # kd.methods is read by no method; a method's own section only by that method

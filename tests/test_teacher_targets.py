@@ -6,6 +6,7 @@ from the cache's is refused, naming what differs."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -122,6 +123,23 @@ def test_cached_targets_on_mixed_views_train_the_same_student_as_the_online_teac
     assert 0 <= online_history[-1]["train_acc"] <= 100
 
 
+@pytest.mark.parametrize(("bf16", "method", "mix"), [
+    ("off", "logit", "none"), ("off", "dkd", "mixup"), ("auto", "logit", "cutmix"), ("auto", "dist", "none"),
+])
+def test_flip_averaged_cached_targets_train_the_same_student_as_the_online_flip_averaged_teacher(bf16, method, mix):
+    """kd.teacher_flip: the cache holds the teacher's logits averaged over each (mixed) view and
+    its mirror image, the very numbers the online teacher gives, so the student is the same."""
+    params, runtime, data, teacher = _setup(bf16, data__augment__mix=mix)
+    batches = _batches(params, data, runtime)
+    logits = compute_teacher_logits(teacher, data, params.student.epochs, batches, runtime, flip=True)
+    assert not np.allclose(logits, compute_teacher_logits(teacher, data, params.student.epochs, batches, runtime))
+    online_state, online_history = _distill(params, runtime, data, OnlineTeacher(teacher, runtime, flip=True), method)
+    cached_state, cached_history = _distill(params, runtime, data, CachedTeacher(logits, module=teacher), method)
+    assert online_history == cached_history
+    for name, value in online_state.items():
+        assert torch.equal(value, cached_state[name]), name
+
+
 @pytest.mark.parametrize("mix", ["none", "mixup", "cutmix"])
 def test_cached_rows_are_the_online_teacher_outputs_on_the_same_views(mix):
     params, runtime, data, teacher = _setup("off", data__augment__mix=mix)
@@ -144,8 +162,8 @@ def test_cache_round_trip_and_fingerprint_checks(tmp_path):
     meta = write_teacher_targets(out, "cached", teacher=teacher, teacher_sha256="abc", data=data, epochs=2,
                                  batches=batches, runtime=runtime)
     assert meta["shape"] == [2, 80, 4] and meta["dtype"] == "float32"
-    expected = fingerprint(data, batches, 2, teacher, "abc", runtime)
-    assert {k: meta[k] for k in expected} == expected
+    expected = fingerprint(data, batches, 2, teacher, "abc", runtime, False)
+    assert {k: meta[k] for k in expected} == expected and meta["teacher_flip"] is False
     cached = load_cached_teacher(out, expected)
     assert cached.module is None
     direct = compute_teacher_logits(teacher, data, 2, batches, runtime)
@@ -154,13 +172,14 @@ def test_cache_round_trip_and_fingerprint_checks(tmp_path):
     assert load_cached_teacher(out, expected, module=teacher).module.model is teacher  # for feature-based methods
     assert load_cached_teacher(out, {**expected, "threads": 7}) is not None  # the thread count may differ
     for change in ({"epochs": 3}, {"batch_size": 32}, {"seed": 4}, {"teacher_sha256": "def"}, {"flip": False},
+                   {"teacher_flip": True},
                    {"train_sha256": "0" * 64}, {"teacher_precision": "bfloat16"}, {"channels_last": False}):
         with pytest.raises(KdpipeError, match="another run") as info:
             load_cached_teacher(out, {**expected, **change})
         assert f"{next(iter(change))}: cache" in str(info.value)
     other_aug = fingerprint(data, _batches(params, data, runtime, batch_size=16,
                                            augment=make_params(data__augment__crop_padding=1).data.augment),
-                            2, teacher, "abc", runtime)
+                            2, teacher, "abc", runtime, False)
     with pytest.raises(KdpipeError, match="crop_padding: cache 2 vs run 1"):
         load_cached_teacher(out, other_aug)
     write_teacher_targets(out, "online")  # replaces the directory: nothing heavy left
@@ -181,7 +200,7 @@ def test_a_cache_whose_contents_changed_is_refused(tmp_path):
     batches = _batches(params, data, runtime, batch_size=16)
     write_teacher_targets(out, "cached", teacher=teacher, teacher_sha256="abc", data=data, epochs=2,
                           batches=batches, runtime=runtime)
-    expected = fingerprint(data, batches, 2, teacher, "abc", runtime)
+    expected = fingerprint(data, batches, 2, teacher, "abc", runtime, False)
     logits_path = out / "logits.npy"
     good = logits_path.read_bytes()
     edited = np.load(logits_path)
@@ -224,7 +243,7 @@ def project(tmp_path, monkeypatch):
 def _source(params, teacher, live=False):
     runtime = setup_runtime(params.runtime, params.seed)
     return teacher_source(teacher, load_prepared(paths.PREPARED_DIR), params.student, params.data.augment, params.seed,
-                          runtime, cached=params.kd.teacher_targets == "cached", live=live)
+                          runtime, cached=params.kd.teacher_targets == "cached", live=live, flip=params.kd.teacher_flip)
 
 
 def test_the_distill_run_reads_the_cache_the_stage_wrote_for_its_params(project):
@@ -265,6 +284,33 @@ def test_a_distill_run_with_other_batch_settings_than_the_cache_is_refused(proje
     message = str(info.value)
     assert "computed for another run" in message and f"{key}: cache" in message, message
     assert "dvc repro" in message
+
+
+def test_a_flip_averaged_cache_serves_only_flip_averaged_runs_and_needs_mirrored_views(project):
+    flipped = make_params(kd={"teacher_flip": True})
+    meta = build_teacher_targets(flipped)
+    assert meta["teacher_flip"] is True
+    source = _source(flipped, project)
+    runtime = setup_runtime(flipped.runtime, flipped.seed)
+    batch = next(iter(_batches(flipped, load_prepared(paths.PREPARED_DIR), runtime).epoch(1)))
+    context = BatchContext(batch.indices, 1)
+    online = OnlineTeacher(project, runtime, flip=True).to(memory_format=runtime.memory_format)
+    assert isinstance(source, CachedTeacher) and torch.equal(source(batch.images, context), online(batch.images, context))
+    with pytest.raises(KdpipeError, match="teacher_flip: cache True vs run False"):
+        _source(make_params(), project)
+    build_teacher_targets(make_params())
+    with pytest.raises(KdpipeError, match="teacher_flip: cache False vs run True"):
+        _source(flipped, project)
+    # views that are never mirrored (flip off, or digits-like data) refuse it, cached or online, writing nothing
+    for kd in ({"teacher_flip": True}, {"teacher_flip": True, "teacher_targets": "online"}):
+        unmirrored = make_params(data__augment__flip=False, kd=kd)
+        with pytest.raises(KdpipeError, match=r"kd.teacher_flip is true but this run never mirrors its images.*"
+                                              r"set kd.teacher_flip: false"):
+            _source(unmirrored, project)
+    shutil.rmtree(paths.TEACHER_TARGETS_DIR)
+    with pytest.raises(KdpipeError, match="never mirrors its images"):
+        build_teacher_targets(make_params(data__augment__flip=False, kd={"teacher_flip": True}))
+    assert not paths.TEACHER_TARGETS_DIR.exists()
 
 
 def test_a_cache_of_mixed_views_is_used_only_for_the_same_mixing(project):

@@ -15,7 +15,8 @@ On-disk format, ``data/teacher_targets/`` (a DVC-cached directory):
   ``[e, i]`` is the teacher's output on training image ``i`` as seen in epoch ``e``
   (indexed by image, not by batch position, so a lookup is one gather).
 - ``meta.json``: what the logits were computed for (seed, epochs, batch size, views,
-  hashes of the teacher file and the training split, the teacher's precision). Distillation
+  hashes of the teacher file and the training split, the teacher's precision, whether its
+  logits are averaged with its mirror images' (``kd.teacher_flip``)). Distillation
   refuses a cache whose fingerprint differs from its own run.
 
 float32, not float16: the cache then holds exactly the numbers the online teacher produces
@@ -50,7 +51,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.io import atomic_dir, file_digest, read_json, restore_hint, write_json
 from kdpipe.runtime import Runtime, setup_runtime
 
-FORMAT = "kdpipe-teacher-targets/2"  # 2: logits_sha256, no timing
+FORMAT = "kdpipe-teacher-targets/3"  # 2: logits_sha256, no timing; 3: teacher_flip
 LOGITS_FILE = "logits.npy"
 META_FILE = "meta.json"
 # every fingerprint key must match between the cache and the distillation run using it, except:
@@ -70,15 +71,26 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def check_teacher_flip(flip: bool, batches: TrainingBatches) -> None:
+    """Averaging the teacher over mirror images (``kd.teacher_flip``) assumes they keep their
+    class: refused where the students' views are never mirrored (``data.augment.flip: false``, or
+    a data set such as digits whose classes a mirror changes)."""
+    if flip and not batches.flip:
+        raise KdpipeError("kd.teacher_flip is true but this run never mirrors its images (data.augment.flip is "
+                          "false, or the data set's classes change in a mirror, as digits' do); set "
+                          "kd.teacher_flip: false.")
+
+
 def teacher_precision(teacher: nn.Module, runtime: Runtime, data: PreparedData) -> str:
     rt = runtime.for_model(teacher, (data.channels, data.image_size, data.image_size))
     return str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype is not None else "float32"
 
 
 def fingerprint(data: PreparedData, batches: TrainingBatches, epochs: int, teacher: nn.Module, teacher_sha256: str,
-                runtime: Runtime) -> dict[str, Any]:
+                runtime: Runtime, flip: bool) -> dict[str, Any]:
     """Everything that decides the cached logits: the batches (what the views are), the
-    epochs, the training images, who looks at them and in which precision."""
+    epochs, the training images, who looks at them (with their mirror images too, ``flip``)
+    and in which precision."""
     return {
         **batches.describe(),
         "epochs": epochs,
@@ -87,21 +99,22 @@ def fingerprint(data: PreparedData, batches: TrainingBatches, epochs: int, teach
         "train_sha256": tensor_sha256(data.train.images, data.train.labels),
         "teacher_sha256": teacher_sha256,
         "teacher_precision": teacher_precision(teacher, runtime, data),
+        "teacher_flip": flip,
         "threads": runtime.threads,
     }
 
 
 @torch.no_grad()
 def compute_teacher_logits(teacher: nn.Module, data: PreparedData, epochs: int, batches: TrainingBatches,
-                           runtime: Runtime, out: np.ndarray | None = None) -> np.ndarray:
+                           runtime: Runtime, out: np.ndarray | None = None, flip: bool = False) -> np.ndarray:
     """The teacher's float32 logits on every view distillation will draw: epochs × N × classes.
 
     ``batches`` is the :class:`TrainingBatches` a student trained with the same batch size,
     augmentation and seed draws from, and the teacher runs through :class:`OnlineTeacher`
     exactly as in online distillation, so every row is bit-identical to the online teacher's
-    output.
+    output (averaged with the mirror image's when ``flip``: ``kd.teacher_flip``).
     """
-    online = OnlineTeacher(teacher, runtime).to(runtime.device, memory_format=runtime.memory_format)
+    online = OnlineTeacher(teacher, runtime, flip).to(runtime.device, memory_format=runtime.memory_format)
     shape = (epochs, len(data.train), data.num_classes)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
@@ -115,7 +128,8 @@ def compute_teacher_logits(teacher: nn.Module, data: PreparedData, epochs: int, 
 
 def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | None = None,
                           teacher_sha256: str = "", data: PreparedData | None = None, epochs: int = 0,
-                          batches: TrainingBatches | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
+                          batches: TrainingBatches | None = None, runtime: Runtime | None = None,
+                          flip: bool = False) -> dict[str, Any]:
     """Write ``out_dir`` atomically (a finished directory or none); returns its meta."""
     with atomic_dir(out_dir) as tmp:
         if mode == "online":
@@ -125,7 +139,7 @@ def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | N
             assert teacher is not None and data is not None and batches is not None and runtime is not None
             logits = np.lib.format.open_memmap(tmp / LOGITS_FILE, mode="w+", dtype=np.float32,
                                                shape=(epochs, len(data.train), data.num_classes))
-            compute_teacher_logits(teacher, data, epochs, batches, runtime, out=logits)
+            compute_teacher_logits(teacher, data, epochs, batches, runtime, out=logits, flip=flip)
             logits.flush()
             finite = bool(np.isfinite(logits).all())
             del logits
@@ -135,7 +149,7 @@ def write_teacher_targets(out_dir: str | Path, mode: str, teacher: nn.Module | N
             meta = {"format": FORMAT, "mode": "cached", "dtype": "float32",
                     "shape": [epochs, len(data.train), data.num_classes],
                     "logits_sha256": file_digest(tmp / LOGITS_FILE),  # checked before every use
-                    **fingerprint(data, batches, epochs, teacher, teacher_sha256, runtime)}
+                    **fingerprint(data, batches, epochs, teacher, teacher_sha256, runtime, flip)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -175,16 +189,18 @@ def load_cached_teacher(out_dir: str | Path, expected: dict[str, Any], module: n
 
 
 def teacher_source(teacher: nn.Module, data: PreparedData, recipe: TrainConfig, augment: AugmentConfig, seed: int,
-                   runtime: Runtime, cached: bool, live: bool) -> TeacherLogits:
+                   runtime: Runtime, cached: bool, live: bool, flip: bool = False) -> TeacherLogits:
     """The teacher's logits for a distillation run seeded with ``seed`` (the student's,
     ``params.student_seed``): the teacher_targets cache when ``cached`` (carrying the live
-    teacher too when ``live``: feature-based methods), else the teacher online."""
-    if not cached:
-        return OnlineTeacher(teacher, runtime)
+    teacher too when ``live``: feature-based methods), else the teacher online; averaged with
+    its mirror images' when ``flip`` (``kd.teacher_flip``)."""
     # only its description is needed: no copy of the split on the device (fit places its own)
     student_batches = TrainingBatches.for_run(data, recipe.batch_size, augment, seed, runtime, place=False)
+    check_teacher_flip(flip, student_batches)
+    if not cached:
+        return OnlineTeacher(teacher, runtime, flip)
     expected = fingerprint(data, student_batches, recipe.epochs, teacher,
-                           file_digest(paths.model_path(paths.TEACHER)), runtime)
+                           file_digest(paths.model_path(paths.TEACHER)), runtime, flip)
     return load_cached_teacher(paths.TEACHER_TARGETS_DIR, expected, teacher if live else None)
 
 
@@ -204,17 +220,19 @@ def build_teacher_targets(params: Params) -> dict[str, Any]:
     teacher_path = paths.model_path(paths.TEACHER)
     teacher, _ = models.load(teacher_path, data.meta)
     batches = TrainingBatches.for_run(data, params.student.batch_size, params.data.augment, seed, runtime)
+    check_teacher_flip(params.kd.teacher_flip, batches)
     with stage_run("teacher_targets", params) as run:
         start = time.perf_counter()
         meta = write_teacher_targets(
             paths.TEACHER_TARGETS_DIR, "cached", teacher=teacher, teacher_sha256=file_digest(teacher_path),
-            data=data, epochs=params.student.epochs, batches=batches, runtime=runtime,
+            data=data, epochs=params.student.epochs, batches=batches, runtime=runtime, flip=params.kd.teacher_flip,
         )
         seconds = round(time.perf_counter() - start, 2)
         # the cache holds no timing (its bytes must depend on its inputs only): the time goes apart
         write_json(paths.timing_path("teacher_targets"), {"seconds": seconds, "machine": machine.describe(runtime.threads)})
         run.log_metrics({"teacher_targets_seconds": seconds,
                          "teacher_targets_mb": (paths.TEACHER_TARGETS_DIR / LOGITS_FILE).stat().st_size / 2**20})
-    print(f"teacher targets: {meta['epochs']} epochs × {meta['train_images']} views "
+    print(f"teacher targets: {meta['epochs']} epochs × {meta['train_images']} views"
+          f"{' and their mirror images' if meta['teacher_flip'] else ''} "
           f"({meta['teacher_precision']}) in {seconds:.1f}s → {paths.TEACHER_TARGETS_DIR}")
     return meta

@@ -140,7 +140,7 @@ def distill(params: Params, method: str, settings: Any | None = None) -> dict[st
     cached = getattr(settings, "teacher_targets", "online") == "cached"  # methods without it read no logits
     live = needs_teacher_module(method)
     targets = teacher_source(teacher, setup.data, params.student, params.data.augment, setup.seed, setup.runtime,
-                             cached=cached, live=live)
+                             cached=cached, live=live, flip=getattr(settings, "teacher_flip", False))
     data = setup.data
     inputs = MethodInputs(student, targets, params.student.label_smoothing,
                           (data.channels, data.image_size, data.image_size), data.meta)

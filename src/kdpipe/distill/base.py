@@ -49,6 +49,9 @@ class SharedKd(Settings):
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the soft (teacher) term; the label term gets 1 - alpha
     teacher_targets: Literal["cached", "online"] = "cached"
+    # the teacher's logits on a view: the mean of its logits on the view and on its mirror image
+    # (twice the teacher's cost; for data whose classes survive a left-right flip)
+    teacher_flip: bool = False
 
     def check(self, key: str) -> None:
         # below 0.5 the T²-scaled soft term all but vanishes (1e-30 makes it exactly 0: a

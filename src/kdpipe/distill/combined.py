@@ -25,6 +25,7 @@ class CombinedSettings(AttentionTermSettings, MethodSettings):
     temperature: float = derived()
     alpha: float = derived()
     teacher_targets: Literal["cached", "online"] = derived()
+    teacher_flip: bool = derived()
 
 
 @METHODS.register("combined", CombinedSettings, needs_teacher_module=True)

@@ -46,6 +46,7 @@ class DistSettings(MethodSettings):
     logit_standardization: bool = False  # z-score each sample's logits before the softmax (Sun et al. 2024)
     temperature: float = derived()
     teacher_targets: Literal["cached", "online"] = derived()
+    teacher_flip: bool = derived()
 
     def check(self, key: str) -> None:
         for name in ("beta", "gamma"):

@@ -23,6 +23,7 @@ class LogitSettings(MethodSettings):
     temperature: float = derived()
     alpha: float = derived()
     teacher_targets: Literal["cached", "online"] = derived()
+    teacher_flip: bool = derived()
 
 
 @METHODS.register("logit", LogitSettings)

@@ -27,7 +27,7 @@ from torch import nn
 from kdpipe import models
 from kdpipe.distill.base import METHODS, MethodInputs, MethodSettings, Objective
 from kdpipe.distill.losses import label_ce
-from kdpipe.distill.targets import FrozenTeacher, TeacherLogits
+from kdpipe.distill.targets import FrozenTeacher, TeacherLogits, flip_mean
 from kdpipe.errors import KdpipeError
 from kdpipe.models.adapt import InputAdapter, renormalize_affine
 from kdpipe.validation import derived, fail, under
@@ -41,6 +41,7 @@ class MultiTeacherSettings(MethodSettings):
     temperature: float = derived()
     alpha: float = derived()
     teacher_targets: Literal["cached", "online"] = derived()
+    teacher_flip: bool = derived()
 
     def check(self, key: str) -> None:
         for path in self.teachers:
@@ -90,17 +91,18 @@ def load_extra_teachers(paths: Sequence[str], meta: dict[str, Any]) -> list[nn.M
 
 class MultiTeacherKD(Objective):
     def __init__(self, student: nn.Module, targets: TeacherLogits | None, extra_teachers: Sequence[nn.Module],
-                 temperature: float, alpha: float, label_smoothing: float = 0.0) -> None:
+                 temperature: float, alpha: float, label_smoothing: float = 0.0, flip: bool = False) -> None:
         super().__init__(student)
         self.targets = targets
         self.extra = nn.ModuleList(t if isinstance(t, FrozenTeacher) else FrozenTeacher(t) for t in extra_teachers)
         if targets is None and not self.extra:
             raise KdpipeError("multi_teacher needs at least one teacher.")
         self.temperature, self.alpha, self.label_smoothing = temperature, alpha, label_smoothing
+        self.flip = flip  # kd.teacher_flip, for the extra teachers too (the own one's targets have it)
 
     def teacher_logits(self, images, batch) -> list[torch.Tensor]:
         own = [self.targets(images, batch)] if self.targets is not None else []
-        return own + [t(images) for t in self.extra]
+        return own + [flip_mean(t, images) if self.flip else t(images) for t in self.extra]
 
     def forward_train(self, images, labels, batch):
         logits = self.student(images)
@@ -116,4 +118,4 @@ def multi_teacher(inputs: MethodInputs, settings: MultiTeacherSettings) -> Multi
     """The pipeline's teacher plus the extra teachers of ``kd.multi_teacher.teachers``."""
     extra = load_extra_teachers(settings.teachers, inputs.meta)
     return MultiTeacherKD(inputs.student, inputs.teacher, extra, settings.temperature, settings.alpha,
-                          inputs.label_smoothing)
+                          inputs.label_smoothing, settings.teacher_flip)
