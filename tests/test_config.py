@@ -278,6 +278,16 @@ def test_a_section_without_settings_says_so():
         parse_params({"data": {"digits": {"url": "x"}}})
 
 
+def test_a_teacher_averaged_with_mirror_images_needs_mirrored_views():
+    assert parse_params({"kd": {"teacher_flip": True}}).kd.logit.teacher_flip is True
+    with pytest.raises(ConfigError) as info:
+        parse_params({"kd": {"teacher_flip": True}, "data": {"augment": {"flip": False}}})
+    message = str(info.value)
+    assert message.startswith("params.yaml: kd.teacher_flip=True is not allowed; expected false while "
+                              "data.augment.flip is false"), message
+    assert message.endswith(".") and "\n" not in message
+
+
 def test_section_values_accept_good_values():
     params = parse_params({
         "teacher": {"arch": "mobilenet_v2",

@@ -301,15 +301,18 @@ def test_a_flip_averaged_cache_serves_only_flip_averaged_runs_and_needs_mirrored
     build_teacher_targets(make_params())
     with pytest.raises(KdpipeError, match="teacher_flip: cache False vs run True"):
         _source(flipped, project)
-    # views that are never mirrored (flip off, or digits-like data) refuse it, cached or online, writing nothing
+    # data whose classes a mirror changes (digits: its views are never mirrored, whatever
+    # data.augment.flip says) refuses it, cached or online, writing nothing
+    shutil.rmtree(paths.PREPARED_DIR)
+    write_prepared(paths.PREPARED_DIR, make_prepared(n_train=80, n_val=24, n_test=8, channels=3, size=8, classes=4,
+                                                     flip=False))
     for kd in ({"teacher_flip": True}, {"teacher_flip": True, "teacher_targets": "online"}):
-        unmirrored = make_params(data__augment__flip=False, kd=kd)
         with pytest.raises(KdpipeError, match=r"kd.teacher_flip is true but this run never mirrors its images.*"
                                               r"set kd.teacher_flip: false"):
-            _source(unmirrored, project)
+            _source(make_params(kd=kd), project)
     shutil.rmtree(paths.TEACHER_TARGETS_DIR)
     with pytest.raises(KdpipeError, match="never mirrors its images"):
-        build_teacher_targets(make_params(data__augment__flip=False, kd={"teacher_flip": True}))
+        build_teacher_targets(flipped)
     assert not paths.TEACHER_TARGETS_DIR.exists()
 
 

@@ -250,6 +250,9 @@ class Params(Settings):
     def check(self, key: str) -> None:
         if self.seed < 0:
             fail("seed", self.seed, "an integer >= 0")
+        if self.kd.teacher_flip and not self.data.augment.flip:  # early; digits-like data: teacher_targets
+            fail("kd.teacher_flip", True, "false while data.augment.flip is false (the teacher is averaged with "
+                 "mirror images, which the views say may change the class)")
 
     @property
     def student_seed(self) -> int:
