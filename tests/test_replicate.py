@@ -248,15 +248,17 @@ def test_student_seed_is_validated_and_resolved():
     assert parse_params({"seed": 3, "student": {"seed": 0}}).student_seed == 0
     with pytest.raises(ConfigError, match=r"student.seed=-1 is not allowed; expected null \(the global seed\)"):
         parse_params({"student": {"seed": -1}})
-    with pytest.raises(ConfigError, match="unknown key 'teacher.seed'"):  # the teacher keeps the global seed
-        parse_params({"teacher": {"seed": 1}})
+    assert parse_params({"seed": 3, "teacher": {"seed": 9}}).seed_for("teacher") == 9
+    assert parse_params({"seed": 3, "teacher": {"seed": 9}}).student_seed == 3  # each role its own
+    with pytest.raises(ConfigError, match=r"teacher.seed=-2 is not allowed; expected null \(the global seed\)"):
+        parse_params({"teacher": {"seed": -2}})
 
 
-def _params(**student):
+def _params(teacher_seed=None, **student):
     return parse_params({
         "seed": 0, "mlflow": {"enabled": False}, "kd": {"methods": ["logit"]},
         "runtime": {"device": "cpu", "threads": 1, "bf16": "off", "channels_last": "off"},
-        "teacher": {"epochs": 1, "batch_size": 16, "resnet18": {"width": 8}},
+        "teacher": {"epochs": 1, "batch_size": 16, "resnet18": {"width": 8}, "seed": teacher_seed},
         "student": {"epochs": 1, "batch_size": 16, "student_cnn": {"widths": [4, 8]}, **student},
     })
 
@@ -270,7 +272,7 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_student_seed_changes_the_students_but_not_the_teacher(tmp_path, monkeypatch):
+def test_student_seed_changes_the_students_and_teacher_seed_the_teacher_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = make_prepared(n_train=48, n_val=16, n_test=8)
     write_prepared(paths.PREPARED_DIR, data)
@@ -288,6 +290,14 @@ def test_student_seed_changes_the_students_but_not_the_teacher(tmp_path, monkeyp
     assert _same(_weights(paths.BASELINE), base)
     train_baseline(other)
     assert not _same(_weights(paths.BASELINE), base)
+
+    # teacher.seed: another teacher on the same split (for multi_teacher); the students do not read it
+    train_teacher(_params(teacher_seed=3))
+    assert not _same(_weights(paths.TEACHER), teacher)
+    train_baseline(_params(teacher_seed=3))
+    assert _same(_weights(paths.BASELINE), base)
+    train_teacher(default)
+    assert _same(_weights(paths.TEACHER), teacher)
 
     # teacher_targets follows the student seed, and distillation reads the cache of its own seed
     assert build_teacher_targets(other)["seed"] == 5

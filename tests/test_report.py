@@ -12,6 +12,7 @@ import torch
 from kdpipe.io import write_csv
 from kdpipe.report import (
     FIGURES,
+    seed_phrase,
     TABLE_COLUMNS,
     choose_disagreements,
     comparison_table,
@@ -280,3 +281,13 @@ def test_training_table_takes_the_time_from_the_timing_file(tmp_path, monkeypatc
                 "teacher": {"best_val_accuracy": 98.51, "best_epoch": 13, "epochs": 15, **_train_seconds("teacher")}}
     lines = _training_table(["teacher", "baseline"], training)
     assert "| baseline | 99.63 | 19 | 30 | 5.1 |" in lines and "| teacher | 98.51 | 13 | 15 | – |" in lines
+
+
+def test_the_report_names_the_teachers_and_students_own_seeds_where_they_differ():
+    from kdpipe.config import parse_params
+
+    assert seed_phrase(parse_params({})) == "42"
+    assert seed_phrase(parse_params({"student": {"seed": 42}})) == "42"
+    assert seed_phrase(parse_params({"student": {"seed": 3}})) == "42 (student seed 3)"
+    assert seed_phrase(parse_params({"seed": 1, "teacher": {"seed": 7}, "student": {"seed": 2}})) == \
+        "1 (teacher seed 7, student seed 2)"

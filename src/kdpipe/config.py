@@ -123,9 +123,8 @@ class _ModelChecks(TrainConfig):
     def check(self, key: str) -> None:
         super().check(key)
         MODELS.get(self.arch, f"{key}.arch", roles=self.role)
-        seed = getattr(self, "seed", None)  # student only
-        if seed is not None and seed < 0:
-            fail(f"{key}.seed", seed, "null (the global seed) or an integer >= 0")
+        if self.seed is not None and self.seed < 0:
+            fail(f"{key}.seed", self.seed, "null (the global seed) or an integer >= 0")
 
     @property
     def arch_settings(self) -> Any:
@@ -145,10 +144,13 @@ def _model_config(role: str, arch: str, epochs: int, own: Sequence[tuple[str, An
 # teacher.mix: the teacher's own mixing (null: data.augment.mix). The students' views, and so the
 # teacher_targets cache, always follow data.augment: a teacher can learn with CutMix while the
 # students it teaches see plain views, or the other way round.
+# teacher.seed seeds the teacher's run (initialisation, batch order, views); null: the global
+# seed. Several teachers on the same split (the split keeps the global seed): for multi_teacher.
 TeacherConfig = _model_config("teacher", "resnet18", epochs=15,
-                              own=[("mix", Optional[Literal["none", "mixup", "cutmix"]], field(default=None))])
+                              own=[("mix", Optional[Literal["none", "mixup", "cutmix"]], field(default=None)),
+                                   ("seed", Optional[int], field(default=None))])
 # student.seed seeds every student run (initialisation, batch order, augmented views, hence the
-# teacher_targets cache); null: the global seed, which alone seeds the split and the teacher.
+# teacher_targets cache); null: the global seed, which alone seeds the split.
 StudentConfig = _model_config("student", "student_cnn", epochs=30,
                               own=[("seed", Optional[int], field(default=None))])
 
@@ -254,11 +256,15 @@ class Params(Settings):
             fail("kd.teacher_flip", True, "false while data.augment.flip is false (the teacher is averaged with "
                  "mirror images, which the views say may change the class)")
 
+    def seed_for(self, role: str) -> int:
+        """The seed of the ``teacher`` run or of the ``student`` runs (baseline, teacher_targets,
+        distill): ``<role>.seed``, or the global ``seed`` (which alone seeds the split) when null."""
+        own = getattr(self, role).seed
+        return self.seed if own is None else own
+
     @property
     def student_seed(self) -> int:
-        """The seed of the student runs (baseline, teacher_targets, distill): ``student.seed``,
-        or the global ``seed`` when that is null."""
-        return self.seed if self.student.seed is None else self.student.seed
+        return self.seed_for("student")
 
     def augment_for(self, role: str) -> AugmentConfig:
         """The augmentation a ``teacher`` or ``student`` run trains with: ``data.augment``, with

@@ -862,6 +862,13 @@ def _train_seconds(name: str) -> dict[str, Any]:
     return {"train_seconds": read_json(path)["train_seconds"]} if path.exists() else {}
 
 
+def seed_phrase(params: Params) -> str:
+    """The global seed, with the teacher's or the students' own where they differ from it."""
+    own = [f"{role} seed {params.seed_for(role)}" for role in ("teacher", "student")
+           if params.seed_for(role) != params.seed]
+    return f"{params.seed} ({', '.join(own)})" if own else str(params.seed)
+
+
 def build_report(params: Params) -> None:
     """The report stage: figures and reports/report.md from evaluate's outputs."""
     data = load_prepared(paths.PREPARED_DIR)
@@ -872,7 +879,7 @@ def build_report(params: Params) -> None:
         "dataset": params.data.name, "teacher_arch": params.teacher.arch, "student_arch": params.student.arch,
         "student_settings": ", ".join(f"{k} {v}" for k, v in as_dict(params.student.arch_settings).items()),
         "temperature": params.kd.temperature, "alpha": params.kd.alpha,
-        "seed": params.seed if params.student_seed == params.seed else f"{params.seed} (student seed {params.student_seed})",
+        "seed": seed_phrase(params),
     }
     with stage_run("report", params) as run:
         write_report(paths.REPORTS_DIR / "report.md", paths.FIGURES_DIR, evaluation, training, paths.HISTORY_DIR,

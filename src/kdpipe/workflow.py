@@ -31,10 +31,10 @@ class Setup:
     (RNGs seeded with it, threads set), the prepared data and, under torchrun
     (``runtime.nproc`` > 1), this process's place in the training group.
 
-    The teacher's seed is the global ``seed``; the student runs (baseline, distill) use
-    ``params.student_seed`` (``student.seed``, null: the global seed), which seeds the
+    The teacher run uses ``teacher.seed`` and the student runs (baseline, distill)
+    ``student.seed`` (``params.seed_for``; null: the global seed), which seeds the
     initialisation, the batch order and the augmented views, so seed replicates of the
-    students share the split and the teacher."""
+    students share the split and the teacher, and several teachers can share the split."""
 
     params: Params
     seed: int
@@ -44,7 +44,7 @@ class Setup:
 
     @classmethod
     def load(cls, params: Params, role: str) -> "Setup":
-        seed = params.student_seed if role == "student" else params.seed
+        seed = params.seed_for(role)
         runtime = setup_runtime(params.runtime, seed)
         return cls(params, seed, runtime, load_prepared(paths.PREPARED_DIR), distributed.init(runtime.device))
 
