@@ -125,6 +125,7 @@ def test_cached_targets_on_mixed_views_train_the_same_student_as_the_online_teac
 
 @pytest.mark.parametrize(("bf16", "method", "mix"), [
     ("off", "logit", "none"), ("off", "dkd", "mixup"), ("auto", "logit", "cutmix"), ("auto", "dist", "none"),
+    ("off", "combined", "none"),  # feature maps from the live teacher on the view alone, logits flip-averaged
 ])
 def test_flip_averaged_cached_targets_train_the_same_student_as_the_online_flip_averaged_teacher(bf16, method, mix):
     """kd.teacher_flip: the cache holds the teacher's logits averaged over each (mixed) view and
