@@ -229,5 +229,6 @@ def test_a_new_method_module_is_discovered_and_validated_like_the_shipped_ones(t
     assert out["methods"] == ["logit", "my_kd"]
     assert out["settings"] == ["MyKdSettings", 2.5, 0.9, "cached"]
     assert out["resolved"]["module"] == "src/kdpipe/distill/my_kd.py"
-    assert out["resolved"]["shared"] == {"temperature": 2.5, "alpha": 0.9, "teacher_targets": "cached"}
+    assert out["resolved"]["shared"] == {"temperature": 2.5, "alpha": 0.9, "teacher_targets": "cached",
+                                         "teacher_flip": False}
     assert "kd.my_kd.bogus" in out.get("error", "no ConfigError"), out
