@@ -622,7 +622,7 @@ def headline(evaluation: dict[str, dict[str, Any]], test_images: int) -> list[st
         return []
     top = max(m["test_accuracy"] for m in students.values())
     best = [n for n, m in students.items() if m["test_accuracy"] == top]
-    lines = []
+    lines, gap = [], teacher_gap(evaluation)
     if len(best) > 1:
         lines += [f"No single best distilled student: {_and(best)} tie at {top:.2f}% (the same number of the "
                   f"{test_images:,} test images right); the report does not rank them.", ""]
@@ -631,7 +631,7 @@ def headline(evaluation: dict[str, dict[str, Any]], test_images: int) -> list[st
         ci = _interval(m.get("test_accuracy_ci95"))
         acc = f"{m['test_accuracy']:.2f}%" + (f" (95% CI {ci}%)" if ci else "")
         if "accuracy_diff_ci95" in m and "mcnemar_p" in m:
-            against = _verdict(m, test_images) + f"; {_gap_words(m, teacher_gap(evaluation), test_images)}"
+            against = _verdict(m, test_images) + f"; {_gap_words(m, gap, test_images)}"
         else:
             gain = m["test_accuracy"] - evaluation[paths.BASELINE]["test_accuracy"]
             against = f"{gain:+.2f} points against the baseline"

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from kdpipe import machine, models, paths
 from kdpipe.config import AugmentConfig, Params, TrainConfig
-from kdpipe.data.loader import TrainingBatches
+from kdpipe.data.loader import TrainingBatches, augmentation
 from kdpipe.data.prepare import PreparedData, load_prepared
 from kdpipe.distill.base import BatchContext
 from kdpipe.distill.targets import CachedTeacher, OnlineTeacher, TeacherLogits
@@ -71,11 +71,11 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def check_teacher_flip(flip: bool, batches: TrainingBatches) -> None:
+def check_teacher_flip(flip: bool, augment: AugmentConfig, data: PreparedData) -> None:
     """Averaging the teacher over mirror images (``kd.teacher_flip``) assumes they keep their
     class: refused where the students' views are never mirrored (``data.augment.flip: false``, or
     a data set such as digits whose classes a mirror changes)."""
-    if flip and not batches.flip:
+    if flip and not augmentation(augment, data.meta)[1]:
         raise KdpipeError("kd.teacher_flip is true but this run never mirrors its images (data.augment.flip is "
                           "false, or the data set's classes change in a mirror, as digits' do); set "
                           "kd.teacher_flip: false.")
@@ -194,11 +194,11 @@ def teacher_source(teacher: nn.Module, data: PreparedData, recipe: TrainConfig, 
     ``params.student_seed``): the teacher_targets cache when ``cached`` (carrying the live
     teacher too when ``live``: feature-based methods), else the teacher online; averaged with
     its mirror images' when ``flip`` (``kd.teacher_flip``)."""
-    # only its description is needed: no copy of the split on the device (fit places its own)
-    student_batches = TrainingBatches.for_run(data, recipe.batch_size, augment, seed, runtime, place=False)
-    check_teacher_flip(flip, student_batches)
+    check_teacher_flip(flip, augment, data)
     if not cached:
         return OnlineTeacher(teacher, runtime, flip)
+    # only its description is needed: no copy of the split on the device (fit places its own)
+    student_batches = TrainingBatches.for_run(data, recipe.batch_size, augment, seed, runtime, place=False)
     expected = fingerprint(data, student_batches, recipe.epochs, teacher,
                            file_digest(paths.model_path(paths.TEACHER)), runtime, flip)
     return load_cached_teacher(paths.TEACHER_TARGETS_DIR, expected, teacher if live else None)
@@ -219,8 +219,8 @@ def build_teacher_targets(params: Params) -> dict[str, Any]:
     data = load_prepared(paths.PREPARED_DIR)
     teacher_path = paths.model_path(paths.TEACHER)
     teacher, _ = models.load(teacher_path, data.meta)
+    check_teacher_flip(params.kd.teacher_flip, params.data.augment, data)
     batches = TrainingBatches.for_run(data, params.student.batch_size, params.data.augment, seed, runtime)
-    check_teacher_flip(params.kd.teacher_flip, batches)
     with stage_run("teacher_targets", params) as run:
         start = time.perf_counter()
         meta = write_teacher_targets(
